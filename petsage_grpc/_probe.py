@@ -1,0 +1,404 @@
+"""``petsage-grpc probe``: a drop-in for grpc_health_probe, flags and exit codes alike.
+
+A Kubernetes exec probe line written for grpc_health_probe works unchanged with
+``petsage-grpc probe`` in its place. Flags follow Go's ``flag`` package: ``-name`` or
+``--name``, ``-name=value`` or ``-name value``; parsing stops at the first argument
+that is not a flag. Messages go to stderr, as grpc_health_probe's do.
+
+Exit codes:
+    0  the service answered SERVING
+    1  invalid arguments (unknown flag, bad value, conflicting TLS flags, unreadable file)
+    2  connection failed or timed out (a TLS mismatch looks like this too)
+    3  the RPC failed: NOT_FOUND, UNIMPLEMENTED, DEADLINE_EXCEEDED, UNAUTHENTICATED, ...
+    4  the service answered, but not SERVING
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    import grpc
+
+__all__ = [
+    "EXIT_CONNECTION_FAILURE",
+    "EXIT_INVALID_ARGUMENTS",
+    "EXIT_RPC_FAILURE",
+    "EXIT_SERVING",
+    "EXIT_UNHEALTHY",
+    "run_probe",
+]
+
+EXIT_SERVING: Final = 0
+EXIT_INVALID_ARGUMENTS: Final = 1
+EXIT_CONNECTION_FAILURE: Final = 2
+EXIT_RPC_FAILURE: Final = 3
+EXIT_UNHEALTHY: Final = 4
+
+
+class _ArgumentError(Exception):
+    pass
+
+
+class _HelpRequestedError(Exception):
+    pass
+
+
+# -- Go-style durations ---------------------------------------------------------------
+
+_UNITS: Final = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "μs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+_DURATION_PART: Final = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_DURATION: Final = re.compile(f"(?:{_DURATION_PART.pattern})+")
+
+
+def parse_go_duration(text: str) -> float:
+    """Parse a Go duration ("1s", "250ms", "1m30s", "0") into seconds.
+
+    Raises:
+        ValueError: *text* is not a Go duration.
+    """
+    sign, body = (-1.0, text[1:]) if text.startswith("-") else (1.0, text.removeprefix("+"))
+    if body == "0":
+        return 0.0
+    if not _DURATION.fullmatch(body):
+        raise ValueError(f"time: invalid duration {text!r}")
+    return sign * sum(float(n) * _UNITS[unit] for n, unit in _DURATION_PART.findall(body))
+
+
+def format_go_duration(seconds: float) -> str:  # noqa: PLR0911 - one return per unit
+    """Format *seconds* as Go's ``time.Duration.String`` does ("1s", "1.5s", "250ms", "1m30s")."""
+    nanos = round(seconds * 1e9)
+    if nanos == 0:
+        return "0s"
+    sign, nanos = ("-", -nanos) if nanos < 0 else ("", nanos)
+
+    def trim(value: float) -> str:
+        return f"{value:.9f}".rstrip("0").rstrip(".")
+
+    if nanos < 1_000:
+        return f"{sign}{nanos}ns"
+    if nanos < 1_000_000:
+        return f"{sign}{trim(nanos / 1e3)}µs"
+    if nanos < 1_000_000_000:
+        return f"{sign}{trim(nanos / 1e6)}ms"
+    hours, rest = divmod(nanos, 3_600_000_000_000)
+    minutes, rest = divmod(rest, 60_000_000_000)
+    text = trim(rest / 1e9) + "s"
+    if hours:
+        return f"{sign}{hours}h{minutes}m{text}"
+    if minutes:
+        return f"{sign}{minutes}m{text}"
+    return sign + text
+
+
+# -- flags ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Flags:
+    addr: str = ""
+    service: str = ""
+    user_agent: str = "grpc_health_probe"
+    connect_timeout: float = 1.0
+    rpc_timeout: float = 1.0
+    rpc_header: list[tuple[str, str]] = field(default_factory=list)
+    tls: bool = False
+    tls_no_verify: bool = False
+    tls_ca_cert: str = ""
+    tls_client_cert: str = ""
+    tls_client_key: str = ""
+    tls_server_name: str = ""
+    gzip: bool = False
+    v: bool = False
+    version: bool = False
+    spiffe: bool = False
+    alts: bool = False
+
+
+_TRUE: Final = frozenset({"1", "t", "T", "TRUE", "true", "True"})
+_FALSE: Final = frozenset({"0", "f", "F", "FALSE", "false", "False"})
+
+
+def _header(text: str) -> tuple[str, str]:
+    name, colon, value = text.partition(":")
+    if not colon or not name.strip():
+        raise ValueError(f"invalid RPC header, expected 'key: value', got {text!r}")
+    return name.strip().lower(), value.strip()
+
+
+_FLAG_HELP: Final[dict[str, tuple[Callable[[str], object] | None, str]]] = {
+    # name: (value parser, or None for a boolean flag; help)
+    "addr": (str, "(required) tcp host:port or unix://path to connect"),
+    "service": (str, 'service name to check (default: "")'),
+    "user-agent": (
+        str,
+        'user-agent header value of health check requests (default "grpc_health_probe")',
+    ),
+    "connect-timeout": (parse_go_duration, "timeout for establishing connection (default 1s)"),
+    "rpc-timeout": (parse_go_duration, "timeout for health check rpc (default 1s)"),
+    "rpc-header": (_header, "additional RPC headers in 'name: value' format; repeatable"),
+    "tls": (None, "use TLS (default: false, INSECURE plaintext transport)"),
+    "tls-no-verify": (
+        None,
+        "(with -tls) don't verify the certificate (INSECURE) presented by the server",
+    ),
+    "tls-ca-cert": (
+        str,
+        "(with -tls, optional) file containing trusted certificates for verifying server",
+    ),
+    "tls-client-cert": (str, "(with -tls, optional) client certificate (requires -tls-client-key)"),
+    "tls-client-key": (str, "(with -tls) client private key (requires -tls-client-cert)"),
+    "tls-server-name": (
+        str,
+        "(with -tls) override the hostname used to verify the server certificate",
+    ),
+    "gzip": (None, "use gzip compression for the request and accept it for the response"),
+    "v": (None, "verbose logs"),
+    "version": (None, "print the version and exit"),
+    "spiffe": (None, "not supported by petsage-grpc probe (exits 1)"),
+    "alts": (None, "not supported by petsage-grpc probe (exits 1)"),
+}
+
+
+def _usage() -> str:
+    lines = ["Usage of petsage-grpc probe:"]
+    for name, (parser, text) in _FLAG_HELP.items():
+        kind = "" if parser is None else (" duration" if parser is parse_go_duration else " string")
+        lines.append(f"  -{name}{kind}\n    \t{text}")
+    return "\n".join(lines)
+
+
+def _parse(argv: Sequence[str]) -> _Flags:  # noqa: PLR0912 - as Go's FlagSet.parseOne
+    """Parse *argv* as Go's flag package would, stopping at the first non-flag argument."""
+    flags = _Flags()
+    args = list(argv)
+    while args:
+        arg = args[0]
+        if len(arg) < 2 or not arg.startswith("-"):
+            break
+        args.pop(0)
+        if arg == "--":
+            break
+        body = arg[2:] if arg.startswith("--") else arg[1:]
+        if not body or body.startswith("-") or body.startswith("="):
+            raise _ArgumentError(f"bad flag syntax: {arg}")
+        name, has_value, value = body.partition("=")
+        if name in {"h", "help"}:
+            raise _HelpRequestedError
+        if name not in _FLAG_HELP:
+            raise _ArgumentError(f"flag provided but not defined: -{name}")
+        parser, _ = _FLAG_HELP[name]
+        attribute = name.replace("-", "_")
+        if parser is None:
+            if has_value and value not in _TRUE | _FALSE:
+                raise _ArgumentError(f"invalid boolean value {value!r} for -{name}: parse error")
+            setattr(flags, attribute, not has_value or value in _TRUE)
+            continue
+        if not has_value:
+            if not args:
+                raise _ArgumentError(f"flag needs an argument: -{name}")
+            value = args.pop(0)
+        try:
+            parsed = parser(value)
+        except ValueError as error:
+            raise _ArgumentError(f'invalid value "{value}" for flag -{name}: {error}') from None
+        if name == "rpc-header":
+            flags.rpc_header.append(parsed)  # type: ignore[arg-type]
+        else:
+            setattr(flags, attribute, parsed)
+    return flags
+
+
+_CONFLICTS: Final[tuple[tuple[Callable[[_Flags], bool], str], ...]] = (
+    (lambda f: not f.addr, "-addr not specified"),
+    (lambda f: f.spiffe, "-spiffe is not supported by petsage-grpc probe"),
+    (lambda f: f.alts, "-alts is not supported by petsage-grpc probe"),
+    (lambda f: not f.tls and f.tls_no_verify, "specified -tls-no-verify without specifying -tls"),
+    (lambda f: not f.tls and bool(f.tls_ca_cert), "specified -tls-ca-cert without specifying -tls"),
+    (
+        lambda f: not f.tls and bool(f.tls_client_cert),
+        "specified -tls-client-cert without specifying -tls",
+    ),
+    (
+        lambda f: not f.tls and bool(f.tls_server_name),
+        "specified -tls-server-name without specifying -tls",
+    ),
+    (
+        lambda f: bool(f.tls_client_cert) and not f.tls_client_key,
+        "specified -tls-client-cert without specifying -tls-client-key",
+    ),
+    (
+        lambda f: not f.tls_client_cert and bool(f.tls_client_key),
+        "specified -tls-client-key without specifying -tls-client-cert",
+    ),
+    (
+        lambda f: f.tls_no_verify and bool(f.tls_ca_cert),
+        "cannot specify -tls-ca-cert with -tls-no-verify (CA cert would not be used)",
+    ),
+    (
+        lambda f: f.tls_no_verify and bool(f.tls_server_name),
+        "cannot specify -tls-server-name with -tls-no-verify (server name would not be used)",
+    ),
+)
+
+
+def _validate(flags: _Flags) -> None:
+    for broken, message in _CONFLICTS:
+        if broken(flags):
+            raise _ArgumentError(message)
+    for name in ("connect_timeout", "rpc_timeout"):
+        value = getattr(flags, name)
+        if value <= 0:
+            flag = name.replace("_", "-")
+            raise _ArgumentError(
+                f"-{flag} must be greater than zero (specified: {format_go_duration(value)})"
+            )
+
+
+def _target(addr: str) -> str:
+    # Go dials ":50051" on the local machine; grpc core needs a host.
+    return f"localhost{addr}" if addr.startswith(":") else addr
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_probe(argv: Sequence[str]) -> int:
+    """Probe a server's ``grpc.health.v1.Health/Check`` and return grpc_health_probe's exit code."""
+    try:
+        flags = _parse(argv)
+        if flags.version:
+            from petsage_grpc._cli import _version  # noqa: PLC0415
+
+            _log(f"petsage-grpc probe {_version()}")
+            return EXIT_SERVING
+        _validate(flags)
+    except _HelpRequestedError:
+        _log(_usage())
+        return EXIT_SERVING
+    except _ArgumentError as error:
+        _log(f"error: {error}")
+        return EXIT_INVALID_ARGUMENTS
+    if flags.v:
+        _log("parsed options:")
+        _log(
+            f"> addr={flags.addr} conn_timeout={format_go_duration(flags.connect_timeout)} "
+            f"rpc_timeout={format_go_duration(flags.rpc_timeout)}"
+        )
+        _log(f"> tls={str(flags.tls).lower()}")
+    return _check(flags)
+
+
+def _channel(flags: _Flags) -> grpc.Channel:
+    """Open the channel; raises OSError for unreadable TLS files."""
+    import grpc  # noqa: PLC0415 - only once the arguments are known to be good
+
+    options: list[tuple[str, Any]] = [("grpc.primary_user_agent", flags.user_agent)]
+    target = _target(flags.addr)
+    if not flags.tls:
+        return grpc.insecure_channel(target, options=options)
+
+    def read(path: str) -> bytes | None:
+        if not path:
+            return None
+        with open(path, "rb") as file:
+            return file.read()
+
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=read(flags.tls_ca_cert),
+        private_key=read(flags.tls_client_key),
+        certificate_chain=read(flags.tls_client_cert),
+    )
+    if flags.tls_server_name:
+        options.append(("grpc.ssl_target_name_override", flags.tls_server_name))
+    return grpc.secure_channel(target, credentials, options=options)
+
+
+def _rpc_failure(error: grpc.RpcError, flags: _Flags) -> str:
+    import grpc  # noqa: PLC0415
+
+    code, details = error.code(), error.details()
+    if code is grpc.StatusCode.UNIMPLEMENTED:
+        return (
+            "error: this server does not implement the grpc health protocol "
+            f"(grpc.health.v1.Health): {details}"
+        )
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return (
+            f"timeout: health rpc did not complete within {format_go_duration(flags.rpc_timeout)}"
+        )
+    return f"error: health rpc failed: rpc error: code = {_go_code(code)} desc = {details}"
+
+
+def _check(flags: _Flags) -> int:
+    import grpc  # noqa: PLC0415
+    from grpc_health.v1 import health_pb2  # noqa: PLC0415
+
+    if flags.tls_no_verify:
+        _log("error: -tls-no-verify is not supported by petsage-grpc probe; use -tls-ca-cert")
+        return EXIT_INVALID_ARGUMENTS
+    try:
+        channel = _channel(flags)
+    except OSError as error:
+        _log(f"failed to initialize tls credentials. error={error}")
+        return EXIT_INVALID_ARGUMENTS
+    with channel:
+        if flags.v:
+            _log("establishing connection")
+        started = time.monotonic()
+        try:
+            grpc.channel_ready_future(channel).result(timeout=flags.connect_timeout)
+        except grpc.FutureTimeoutError:
+            _log(
+                f"timeout: failed to connect service {flags.addr!r} "
+                f"within {format_go_duration(flags.connect_timeout)}"
+            )
+            return EXIT_CONNECTION_FAILURE
+        connected = time.monotonic()
+        if flags.v:
+            _log(f"connection established (took {format_go_duration(connected - started)})")
+        check = channel.unary_unary(
+            "/grpc.health.v1.Health/Check",
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        )
+        try:
+            response = check(
+                health_pb2.HealthCheckRequest(service=flags.service),
+                timeout=flags.rpc_timeout,
+                metadata=tuple(flags.rpc_header) or None,
+                compression=grpc.Compression.Gzip if flags.gzip else None,
+            )
+        except grpc.RpcError as error:
+            _log(_rpc_failure(error, flags))
+            return EXIT_RPC_FAILURE
+        status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+        if response.status != health_pb2.HealthCheckResponse.SERVING:
+            _log(f'service unhealthy (responded with "{status}")')
+            return EXIT_UNHEALTHY
+        if flags.v:
+            elapsed = format_go_duration(time.monotonic() - connected)
+            _log(f"time elapsed: connect={format_go_duration(connected - started)} rpc={elapsed}")
+        _log(f"status: {status}")
+        return EXIT_SERVING
+
+
+def _go_code(code: object) -> str:
+    """grpc-go's name for a status code: NOT_FOUND -> NotFound."""
+    name: str = getattr(code, "name", str(code))
+    return "".join(part.capitalize() for part in name.split("_"))

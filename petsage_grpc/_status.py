@@ -1,0 +1,306 @@
+"""The status board: the single source of truth for what this server reports as serving.
+
+Every health RPC, the smoke test and the dependency checks read or write this one
+object. Writers may be on the event loop or on any other thread and hold a short lock
+(never across I/O: logging and waking watchers happen after it is released). Check and
+SmokeTest read one dict entry, which is atomic, so the hot path takes no lock at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import threading
+from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import Final, NamedTuple
+
+__all__ = [
+    "LIVENESS",
+    "OVERALL",
+    "READINESS",
+    "SMOKE_TEST_SERVICE",
+    "ServingStatus",
+    "StatusBoard",
+]
+
+_log = logging.getLogger("petsage_grpc.status")
+
+OVERALL: Final = ""
+"""The whole server, as grpc.health.v1 defines the empty service name."""
+LIVENESS: Final = "liveness"
+"""The process is alive; only a wedged process should fail it. Stays SERVING while draining."""
+READINESS: Final = "readiness"
+"""The process should receive traffic. Goes NOT_SERVING first when draining."""
+SMOKE_TEST_SERVICE: Final = "petsage.v1.SmokeTestService"
+"""The SmokeTest RPC's own health entry; SmokeTest answers OK only while it is SERVING."""
+
+# Names whose status survives drain(): a pod that is shutting down cleanly must not be
+# restarted by its liveness probe.
+_KEPT_WHILE_DRAINING: Final = frozenset({LIVENESS})
+
+
+class ServingStatus(enum.IntEnum):
+    """A service's status, numbered as ``grpc.health.v1.HealthCheckResponse.ServingStatus``."""
+
+    UNKNOWN = 0
+    SERVING = 1
+    NOT_SERVING = 2
+    SERVICE_UNKNOWN = 3
+    """Only sent on Watch, for a name the board does not know (yet)."""
+
+
+class _Closed:
+    """Marks a watch stream that the board has ended."""
+
+
+_CLOSED: Final = _Closed()
+
+
+class _Watcher:
+    """One Watch stream's mailbox: a single slot that always holds the latest status.
+
+    A slow reader therefore never builds a backlog: it sees the newest status when it
+    next looks, and the board never waits for it.
+    """
+
+    __slots__ = ("event", "latest", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, latest: ServingStatus) -> None:
+        self.loop = loop
+        self.event = asyncio.Event()
+        self.latest: ServingStatus | _Closed = latest
+
+
+def _wake(watchers: Iterable[_Watcher]) -> None:
+    for watcher in watchers:
+        watcher.event.set()
+
+
+def _wake_all(watchers: Iterable[_Watcher]) -> None:
+    """Wake watchers, each on its own event loop, from whichever thread this runs on."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[_Watcher]] = {}
+    for watcher in watchers:
+        by_loop.setdefault(watcher.loop, []).append(watcher)
+    try:
+        running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    for loop, group in by_loop.items():
+        if loop is running:
+            _wake(group)
+        elif not loop.is_closed():
+            # asyncio.Event is not thread-safe; one hop per loop, not per watcher.
+            loop.call_soon_threadsafe(_wake, group)
+
+
+class _Change(NamedTuple):
+    service: str
+    old: ServingStatus | None
+    new: ServingStatus | None
+    watchers: tuple[_Watcher, ...]
+
+
+def _publish(changes: Iterable[_Change]) -> None:
+    """Log each change and wake its watchers. Called after the lock is released."""
+    woken: list[_Watcher] = []
+    for change in changes:
+        old = change.old.name if change.old is not None else "SERVICE_UNKNOWN"
+        new = change.new.name if change.new is not None else "SERVICE_UNKNOWN"
+        _log.info(
+            "service %r: %s -> %s",
+            change.service,
+            old,
+            new,
+            extra={"service": change.service, "status": new, "previous": old},
+        )
+        woken.extend(change.watchers)
+    if woken:
+        _wake_all(woken)
+
+
+class StatusBoard:
+    """Serving status per service name, with drain, shutdown and change subscriptions.
+
+    A new board knows ``""`` (the whole server), ``liveness``, ``readiness`` and
+    ``petsage.v1.SmokeTestService``, all SERVING unless *initial* says otherwise.
+
+    Every method is safe to call from the event loop and from any other thread.
+    Status changes are logged once each, at INFO, on the ``petsage_grpc.status`` logger.
+
+    The board separates what was *set* from what is *reported*:
+
+    - :meth:`drain` reports every name but ``liveness`` as NOT_SERVING;
+    - :meth:`shutdown` reports every name as NOT_SERVING (terminal, as grpc-go's
+      ``Shutdown``);
+    - :meth:`resume` leaves either state and reports what was set again, including
+      any :meth:`set` made in the meantime.
+    """
+
+    def __init__(self, initial: Mapping[str, ServingStatus] | None = None) -> None:
+        self._lock = threading.Lock()
+        self._set: dict[str, ServingStatus] = dict.fromkeys(
+            (OVERALL, LIVENESS, READINESS, SMOKE_TEST_SERVICE), ServingStatus.SERVING
+        )
+        self._set.update(initial or {})
+        self._draining = False
+        self._shut_down = False
+        self._watches_closed = False
+        # The reported statuses, kept materialised so that Check is one dict lookup.
+        self._reported: dict[str, ServingStatus] = dict(self._set)
+        self._watchers: dict[str, set[_Watcher]] = {}
+
+    # -- reading ------------------------------------------------------------------
+
+    def get(self, service: str) -> ServingStatus | None:
+        """Return the reported status of *service*, or None if the board does not know it."""
+        return self._reported.get(service)
+
+    def snapshot(self) -> dict[str, ServingStatus]:
+        """Return a copy of every known name and its reported status."""
+        with self._lock:
+            return dict(self._reported)
+
+    def __len__(self) -> int:
+        """Return how many service names the board knows."""
+        return len(self._reported)
+
+    @property
+    def draining(self) -> bool:
+        """Whether :meth:`drain` (or :meth:`shutdown`) is in force."""
+        return self._draining or self._shut_down
+
+    # -- writing ------------------------------------------------------------------
+
+    def set(self, service: str, status: ServingStatus) -> None:
+        """Set *service*'s status, registering the name if it is new.
+
+        While draining or shut down, the status is remembered and reported after
+        :meth:`resume`. ``SERVICE_UNKNOWN`` is not a status a service can have.
+
+        Raises:
+            ValueError: *status* is SERVICE_UNKNOWN.
+        """
+        status = ServingStatus(status)
+        if status is ServingStatus.SERVICE_UNKNOWN:
+            raise ValueError("SERVICE_UNKNOWN is reported for unknown names; use clear()")
+        with self._lock:
+            self._set[service] = status
+            changes = self._apply({service: self._reportable(service, status)})
+        _publish(changes)
+
+    def clear(self, service: str) -> None:
+        """Forget *service*: Check answers NOT_FOUND and watchers see SERVICE_UNKNOWN."""
+        with self._lock:
+            if self._set.pop(service, None) is None:
+                return
+            changes = self._apply({service: None})
+        _publish(changes)
+
+    def drain(self) -> None:
+        """Report every name except ``liveness`` as NOT_SERVING until :meth:`resume`.
+
+        For a graceful stop: load balancers and readiness probes move traffic away
+        while liveness probes keep passing.
+        """
+        self._change_mode(draining=True, shut_down=self._shut_down, reason="draining")
+
+    def shutdown(self) -> None:
+        """Report every name as NOT_SERVING until :meth:`resume`; later sets are only remembered."""
+        self._change_mode(draining=self._draining, shut_down=True, reason="shut down")
+
+    def resume(self) -> None:
+        """Leave drain and shutdown: report the statuses that were set, and allow Watch again."""
+        with self._lock:
+            self._watches_closed = False
+        self._change_mode(draining=False, shut_down=False, reason="resumed")
+
+    def _change_mode(self, *, draining: bool, shut_down: bool, reason: str) -> None:
+        with self._lock:
+            if (draining, shut_down) == (self._draining, self._shut_down):
+                return
+            self._draining, self._shut_down = draining, shut_down
+            changes = self._apply({n: self._reportable(n, s) for n, s in self._set.items()})
+        _log.info("status board %s", reason, extra={"event": reason.replace(" ", "_")})
+        _publish(changes)
+
+    def _reportable(self, service: str, status: ServingStatus) -> ServingStatus:
+        if self._shut_down or (self._draining and service not in _KEPT_WHILE_DRAINING):
+            return ServingStatus.NOT_SERVING
+        return status
+
+    def _apply(self, updates: Mapping[str, ServingStatus | None]) -> list[_Change]:
+        """Store reported statuses and fill changed names' mailboxes. Lock held."""
+        changes: list[_Change] = []
+        for service, new in updates.items():
+            old = self._reported.get(service)
+            if old == new:
+                continue
+            if new is None:
+                del self._reported[service]
+            else:
+                self._reported[service] = new
+            watchers = tuple(self._watchers.get(service, ()))
+            for watcher in watchers:
+                watcher.latest = ServingStatus.SERVICE_UNKNOWN if new is None else new
+            changes.append(_Change(service, old, new, watchers))
+        return changes
+
+    # -- watching -----------------------------------------------------------------
+
+    async def watch(self, service: str) -> AsyncIterator[ServingStatus]:
+        """Yield *service*'s status now, then each time it changes, until the board ends watches.
+
+        An unknown name yields SERVICE_UNKNOWN and keeps waiting: once the name is set,
+        its status follows. A reader that falls behind gets the latest status, never a
+        backlog, and never the same status twice in a row. Leaving the loop (or being
+        cancelled) unsubscribes this watcher only.
+        """
+        with self._lock:
+            if self._watches_closed:
+                return
+            watcher = _Watcher(
+                asyncio.get_running_loop(),
+                self._reported.get(service, ServingStatus.SERVICE_UNKNOWN),
+            )
+            self._watchers.setdefault(service, set()).add(watcher)
+        try:
+            sent: ServingStatus | None = None
+            while True:
+                watcher.event.clear()
+                latest = watcher.latest
+                if isinstance(latest, _Closed):
+                    return
+                if latest is not sent:
+                    sent = latest
+                    yield latest
+                else:
+                    await watcher.event.wait()
+        finally:
+            with self._lock:
+                group = self._watchers.get(service)
+                if group is not None:
+                    group.discard(watcher)
+                    if not group:
+                        del self._watchers[service]
+
+    def close_watches(self) -> None:
+        """End every open :meth:`watch` and refuse new ones until :meth:`resume`.
+
+        A server calls this when it stops, so that open Watch streams do not hold a
+        graceful stop for its whole grace period.
+        """
+        with self._lock:
+            self._watches_closed = True
+            watchers = [w for group in self._watchers.values() for w in group]
+            for watcher in watchers:
+                watcher.latest = _CLOSED
+        if watchers:
+            _log.info("ending %d watch stream(s)", len(watchers), extra={"event": "watches_closed"})
+            _wake_all(watchers)
+
+    @property
+    def watcher_count(self) -> int:
+        """How many :meth:`watch` iterators are open."""
+        with self._lock:
+            return sum(len(group) for group in self._watchers.values())
