@@ -1,8 +1,9 @@
 """The PetSage gRPC health service.
 
 ``grpc.health.v1.Health`` (Check, Watch, List), ``petsage.v1.SmokeTestService`` and
-server reflection, all answering from one :class:`StatusBoard`. Embed them in your
-own ``grpc.aio`` server with :func:`add_to_server`, or run ``petsage-grpc serve``.
+server reflection, all answering from one :class:`StatusBoard`, which a
+:class:`HealthMonitor` keeps in line with the dependencies (:class:`Check`). Embed them
+in your own ``grpc.aio`` server with :func:`add_to_server`, or run ``petsage-grpc serve``.
 
 Names are loaded on first use, so that ``petsage-grpc probe`` (which imports this
 package) starts without loading the server.
@@ -14,23 +15,32 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from petsage_grpc._check import CHECK_PREFIX, Check, CheckError
     from petsage_grpc._drain import graceful_stop
     from petsage_grpc._embed import add_to_server
+    from petsage_grpc._monitor import CheckState, HealthMonitor
     from petsage_grpc._server import ListenError, ServeOptions, serve
     from petsage_grpc._status import (
         LIVENESS,
         OVERALL,
         READINESS,
         SMOKE_TEST_SERVICE,
+        STARTUP,
         ServingStatus,
         StatusBoard,
     )
 
 __all__ = [
+    "CHECK_PREFIX",
     "LIVENESS",
     "OVERALL",
     "READINESS",
     "SMOKE_TEST_SERVICE",
+    "STARTUP",
+    "Check",
+    "CheckError",
+    "CheckState",
+    "HealthMonitor",
     "ListenError",
     "ServeOptions",
     "ServingStatus",
@@ -41,6 +51,11 @@ __all__ = [
 ]
 
 _HOMES = {
+    "CHECK_PREFIX": "_check",
+    "Check": "_check",
+    "CheckError": "_check",
+    "CheckState": "_monitor",
+    "HealthMonitor": "_monitor",
     "graceful_stop": "_drain",
     "add_to_server": "_embed",
     "ListenError": "_server",
@@ -50,6 +65,7 @@ _HOMES = {
     "OVERALL": "_status",
     "READINESS": "_status",
     "SMOKE_TEST_SERVICE": "_status",
+    "STARTUP": "_status",
     "ServingStatus": "_status",
     "StatusBoard": "_status",
 }

@@ -3,30 +3,23 @@
 Kept free of grpc imports at module level: ``probe`` runs as a Kubernetes exec probe
 and must start fast, and ``serve`` should report a bad flag before loading anything.
 
-Exit codes of ``serve``: 0 stopped cleanly after a signal; 2 bad flag, bad
-environment variable or cannot listen (one line on stderr, nothing left running).
-``probe`` exits as grpc_health_probe does (see ``petsage_grpc._probe``).
+Exit codes of ``serve``: 0 stopped cleanly after a signal; 2 bad flag, bad environment
+variable, bad configuration file or cannot listen (the problem on stderr, nothing left
+running). ``probe`` exits as grpc_health_probe does (see ``petsage_grpc._probe``).
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
 __all__ = ["main"]
 
 PROG = "petsage-grpc"
-ENV_PREFIX = "PETSAGE_GRPC_"
 EXIT_USAGE = 2
-
-
-class _UsageError(Exception):
-    pass
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,130 +29,78 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port must be 0-65535, not {value}")
-    return value
+def _argparse_type(convert: Callable[[object], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            return convert(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return parse
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"seconds must be a finite number >= 0, not {text!r}")
-    return value
+def _serve(argv: Sequence[str], environ: Mapping[str, str]) -> int:
+    from petsage_grpc._settings import ENV_PREFIX, SERVER_SETTINGS, SettingError, resolve_settings  # noqa: PLC0415
 
-
-def _choice(*choices: str) -> Callable[[str], str]:
-    def convert(text: str) -> str:
-        if text.lower() not in choices:
-            raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(choices)}")
-        return text.lower()
-
-    return convert
-
-
-def _host(text: str) -> str:
-    if any(c.isspace() for c in text) or "/" in text:
-        raise argparse.ArgumentTypeError(f"not a host name or IP address: {text!r}")
-    return text.strip("[]") if text.startswith("[") else text
-
-
-@dataclass(frozen=True)
-class _Option:
-    flag: str
-    convert: Callable[[str], Any]
-    default: Any
-    help: str
-
-    @property
-    def dest(self) -> str:
-        return self.flag.removeprefix("--").replace("-", "_")
-
-    @property
-    def env(self) -> str:
-        return ENV_PREFIX + self.dest.upper()
-
-
-def _serve_options() -> tuple[_Option, ...]:
-    from petsage_grpc._logging import LOG_FORMATS, LOG_LEVELS  # noqa: PLC0415
-
-    return (
-        _Option("--host", _host, "", "address to listen on (default: every interface)"),
-        _Option("--port", _port, 50051, "TCP port; 0 picks a free one (default: 50051)"),
-        _Option("--log-level", _choice(*LOG_LEVELS), "info", "debug, info, warning or error"),
-        _Option("--log-format", _choice(*LOG_FORMATS), "text", "text or json (one object a line)"),
-        _Option(
-            "--drain-seconds",
-            _seconds,
-            5.0,
-            "after SIGTERM, keep answering with readiness NOT_SERVING this long (default: 5)",
-        ),
-        _Option(
-            "--grace-seconds",
-            _seconds,
-            5.0,
-            "then give calls in flight this long to finish (default: 5)",
-        ),
-    )
-
-
-def _resolve(
-    options: Sequence[_Option], parsed: argparse.Namespace, environ: dict[str, str]
-) -> dict[str, Any]:
-    """Flags win over environment variables, which win over defaults."""
-    values: dict[str, Any] = {}
-    for option in options:
-        value = getattr(parsed, option.dest)
-        if value is None and option.env in environ:
-            try:
-                value = option.convert(environ[option.env])
-            except argparse.ArgumentTypeError as error:
-                raise _UsageError(f"environment variable {option.env}: {error}") from None
-        values[option.dest] = option.default if value is None else value
-    return values
-
-
-def _serve(argv: Sequence[str], environ: dict[str, str]) -> int:
-    options = _serve_options()
     parser = _Parser(
         prog=f"{PROG} serve",
         description="Serve grpc.health.v1.Health, petsage.v1.SmokeTestService and reflection.",
         epilog=f"Every option can also be set as an environment variable {ENV_PREFIX}<NAME>, "
-        f"e.g. {ENV_PREFIX}PORT=50052; flags win.",
+        f"e.g. {ENV_PREFIX}PORT=50052, and (except --config) in the configuration file's "
+        "[server] table. Flags win over the environment, which wins over the file.",
     )
-    for option in options:
-        parser.add_argument(option.flag, type=option.convert, default=None, help=option.help)
-    parsed = parser.parse_args(argv)
+    for setting in SERVER_SETTINGS:
+        parser.add_argument(
+            setting.flag, dest=setting.name, type=_argparse_type(setting.convert), help=setting.help
+        )
+    flags = vars(parser.parse_args(argv))
     try:
-        values = _resolve(options, parsed, environ)
-    except _UsageError as error:
+        config_path = resolve_settings(flags, environ)["config"]
+    except SettingError as error:
         parser.error(str(error))
 
-    import asyncio  # noqa: PLC0415 - heavy imports only once the flags are valid
+    from petsage_grpc._config import Config, ConfigError, load_config  # noqa: PLC0415
+
+    config = Config()
+    if config_path is not None:
+        try:
+            config = load_config(config_path)
+        except ConfigError as error:
+            for problem in error.problems:
+                print(f"{PROG} serve: error: {problem}", file=sys.stderr)
+            return EXIT_USAGE
+    try:
+        values = resolve_settings(flags, environ, config.server)
+    except SettingError as error:
+        parser.error(str(error))
+
+    import asyncio  # noqa: PLC0415 - heavy imports only once the input is known to be good
 
     from petsage_grpc._logging import configure_logging  # noqa: PLC0415
     from petsage_grpc._server import ListenError, ServeOptions, serve  # noqa: PLC0415
 
-    configure_logging(level=values.pop("log_level"), fmt=values.pop("log_format"))
+    configure_logging(level=values["log_level"], fmt=values["log_format"])
+    options = ServeOptions(
+        host=values["host"],
+        port=values["port"],
+        drain_seconds=values["drain_seconds"],
+        grace_seconds=values["grace_seconds"],
+        metrics_port=values["metrics_port"],
+        checks=config.checks,
+        report_checks=config.report_checks,
+    )
     try:
-        asyncio.run(serve(ServeOptions(**values)))
+        asyncio.run(serve(options))
     except ListenError as error:
         print(f"{PROG} serve: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     return 0
 
 
-def main(argv: Sequence[str] | None = None, *, environ: dict[str, str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None = None) -> int:
     """Run the command line with *argv* (default: ``sys.argv[1:]``) and return the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
-    environ = dict(os.environ if environ is None else environ)
+    environ = os.environ if environ is None else environ
     if args and args[0] == "probe":
         from petsage_grpc._probe import run_probe  # noqa: PLC0415
 

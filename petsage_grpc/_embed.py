@@ -21,6 +21,7 @@ def add_to_server(
     reflection: bool = True,
     reflected_services: Iterable[str] = (),
     list_limit: int = DEFAULT_LIST_LIMIT,
+    report_checks: bool = True,
 ) -> StatusBoard:
     """Add ``grpc.health.v1.Health``, ``petsage.v1.SmokeTestService`` and reflection to *server*.
 
@@ -31,13 +32,16 @@ def add_to_server(
     Args:
         server: The application's ``grpc.aio.Server``.
         board: The status board to answer from; a new one (``""``, ``liveness``,
-            ``readiness`` and ``petsage.v1.SmokeTestService`` all SERVING) if None.
+            ``readiness``, ``startup`` and ``petsage.v1.SmokeTestService``, all
+            SERVING) if None.
         reflection: Also serve ``grpc.reflection.v1`` and ``grpc.reflection.v1alpha``.
             Pass False if the application registers reflection itself.
         reflected_services: The application's own fully-qualified service names, to
             list through reflection beside Health, SmokeTestService and reflection.
         list_limit: ``Health/List`` answers RESOURCE_EXHAUSTED when the board holds more
             names than this.
+        report_checks: A serving SmokeTest answer lists each dependency check by name
+            and state (never targets or errors). False lists none, hiding even names.
 
     Returns:
         The status board, the single source of truth for what the server reports.
@@ -49,7 +53,7 @@ def add_to_server(
         raise ValueError(f"list_limit must be at least 1, not {list_limit}")
     board = StatusBoard() if board is None else board
     add_health_service(server, board, list_limit=list_limit)
-    add_smoke_test_service(server, board)
+    add_smoke_test_service(server, board, report_checks=report_checks)
     if reflection:
         add_reflection_service(server, [HEALTH_SERVICE, SMOKE_TEST_SERVICE, *reflected_services])
     return board

@@ -40,8 +40,9 @@ class _HealthServicer:
         self._list_limit = list_limit
 
     async def check(self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
-        # Envoy fails a health check whose response frame is compressed.
-        context.set_compression(_NO_COMPRESSION)
+        # Envoy fails a health check whose response frame is compressed. For unary calls
+        # grpc.aio ignores set_compression(), so the message itself is exempted.
+        context.disable_next_message_compression()
         try:
             service = _service_name(request)
         except DecodeError:
@@ -63,7 +64,7 @@ class _HealthServicer:
             yield _RESPONSES[status]
 
     async def list(self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
-        context.set_compression(_NO_COMPRESSION)
+        context.disable_next_message_compression()
         try:
             health_pb2.HealthListRequest.FromString(request)
         except DecodeError:

@@ -8,10 +8,8 @@ import sys
 from datetime import UTC, datetime
 from typing import Final, Literal
 
-__all__ = ["LOG_FORMATS", "LOG_LEVELS", "configure_logging"]
+__all__ = ["configure_logging"]
 
-LOG_FORMATS: Final = ("text", "json")
-LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 # Fields that callers attach with ``extra=`` and that the JSON format carries as keys.
 _EXTRA_FIELDS: Final = ("event", "service", "status", "previous", "address", "port")
 

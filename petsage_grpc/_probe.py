@@ -15,12 +15,13 @@ Exit codes:
 
 from __future__ import annotations
 
-import re
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
+
+from petsage_grpc._durations import format_go_duration, parse_go_duration
 
 if TYPE_CHECKING:
     import grpc
@@ -47,62 +48,6 @@ class _ArgumentError(Exception):
 
 class _HelpRequestedError(Exception):
     pass
-
-
-# -- Go-style durations ---------------------------------------------------------------
-
-_UNITS: Final = {
-    "ns": 1e-9,
-    "us": 1e-6,
-    "µs": 1e-6,
-    "μs": 1e-6,
-    "ms": 1e-3,
-    "s": 1.0,
-    "m": 60.0,
-    "h": 3600.0,
-}
-_DURATION_PART: Final = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
-_DURATION: Final = re.compile(f"(?:{_DURATION_PART.pattern})+")
-
-
-def parse_go_duration(text: str) -> float:
-    """Parse a Go duration ("1s", "250ms", "1m30s", "0") into seconds.
-
-    Raises:
-        ValueError: *text* is not a Go duration.
-    """
-    sign, body = (-1.0, text[1:]) if text.startswith("-") else (1.0, text.removeprefix("+"))
-    if body == "0":
-        return 0.0
-    if not _DURATION.fullmatch(body):
-        raise ValueError(f"time: invalid duration {text!r}")
-    return sign * sum(float(n) * _UNITS[unit] for n, unit in _DURATION_PART.findall(body))
-
-
-def format_go_duration(seconds: float) -> str:  # noqa: PLR0911 - one return per unit
-    """Format *seconds* as Go's ``time.Duration.String`` does ("1s", "1.5s", "250ms", "1m30s")."""
-    nanos = round(seconds * 1e9)
-    if nanos == 0:
-        return "0s"
-    sign, nanos = ("-", -nanos) if nanos < 0 else ("", nanos)
-
-    def trim(value: float) -> str:
-        return f"{value:.9f}".rstrip("0").rstrip(".")
-
-    if nanos < 1_000:
-        return f"{sign}{nanos}ns"
-    if nanos < 1_000_000:
-        return f"{sign}{trim(nanos / 1e3)}µs"
-    if nanos < 1_000_000_000:
-        return f"{sign}{trim(nanos / 1e6)}ms"
-    hours, rest = divmod(nanos, 3_600_000_000_000)
-    minutes, rest = divmod(rest, 60_000_000_000)
-    text = trim(rest / 1e9) + "s"
-    if hours:
-        return f"{sign}{hours}h{minutes}m{text}"
-    if minutes:
-        return f"{sign}{minutes}m{text}"
-    return sign + text
 
 
 # -- flags ----------------------------------------------------------------------------
@@ -365,7 +310,7 @@ def _check(flags: _Flags) -> int:
             grpc.channel_ready_future(channel).result(timeout=flags.connect_timeout)
         except grpc.FutureTimeoutError:
             _log(
-                f"timeout: failed to connect service {flags.addr!r} "
+                f'timeout: failed to connect service "{flags.addr}" '
                 f"within {format_go_duration(flags.connect_timeout)}"
             )
             return EXIT_CONNECTION_FAILURE

@@ -59,7 +59,7 @@ def add_reflection_service(server: grpc.aio.Server, service_names: Iterable[str]
     """Serve reflection (v1 and v1alpha) on *server*, listing *service_names* and itself."""
     _ensure_v1_descriptor()
     listed = sorted({*service_names, *REFLECTION_SERVICES})
-    servicer = ReflectionServicer(listed)  # type: ignore[no-untyped-call]
+    servicer = ReflectionServicer(listed)
     handler = grpc.stream_stream_rpc_method_handler(
         servicer.ServerReflectionInfo,
         request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,

@@ -13,8 +13,11 @@ from dataclasses import dataclass
 
 import grpc
 
+from petsage_grpc._check import Check
 from petsage_grpc._drain import graceful_stop
 from petsage_grpc._embed import add_to_server
+from petsage_grpc._metrics import Metrics
+from petsage_grpc._monitor import HealthMonitor
 from petsage_grpc._status import StatusBoard
 
 __all__ = ["ListenError", "ServeOptions", "format_address", "serve"]
@@ -38,6 +41,12 @@ class ServeOptions:
     """After SIGTERM, how long to keep answering with readiness NOT_SERVING."""
     grace_seconds: float = 5.0
     """After draining, how long calls in flight get to finish."""
+    metrics_port: int | None = None
+    """Serve Prometheus metrics at ``/metrics`` on this port (same host); None: off."""
+    checks: tuple[Check, ...] = ()
+    """Dependency checks that readiness follows."""
+    report_checks: bool = True
+    """SmokeTest lists each check's name and state."""
 
 
 class ListenError(Exception):
@@ -98,26 +107,56 @@ async def serve(
     A second signal cuts the drain and grace periods short.
 
     Raises:
-        ListenError: the address cannot be listened on; nothing is left running.
+        ListenError: an address cannot be listened on; nothing is left running.
     """
     address = format_address(options.host, options.port)
-    problem = _bind_problem(options.host, options.port)
-    if problem is not None:
-        raise ListenError(f"cannot listen on {address}: {problem}")
-    server = grpc.aio.server(options=_SERVER_OPTIONS)
-    board = add_to_server(server, board=board)
+    ports = [options.port] if options.metrics_port is None else [options.port, options.metrics_port]
+    for port in ports:
+        problem = _bind_problem(options.host, port)
+        if problem is not None:
+            raise ListenError(f"cannot listen on {format_address(options.host, port)}: {problem}")
+    board = StatusBoard() if board is None else board
+    monitor = HealthMonitor(board, options.checks) if options.checks else None
+    metrics = Metrics(board, monitor) if options.metrics_port is not None else None
+    server = grpc.aio.server(
+        options=_SERVER_OPTIONS, interceptors=[metrics.interceptor] if metrics else None
+    )
+    add_to_server(server, board=board, report_checks=options.report_checks)
     try:
         port = server.add_insecure_port(address)
     except RuntimeError:
         # Lost a race for the port since the check above; grpc has logged the details.
         await server.stop(None)
         raise ListenError(f"cannot listen on {address}") from None
-    await server.start()
-    bound = format_address(options.host, port)
-    _log.info("serving on %s", bound, extra={"event": "started", "address": bound, "port": port})
-    if on_listening is not None:
-        on_listening(port)
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(server.stop, None)
+        if monitor is not None:
+            # Before the first answer, so that readiness already follows the checks.
+            await monitor.start()
+            stack.push_async_callback(monitor.stop)
+        await server.start()
+        if metrics is not None and options.metrics_port is not None:
+            metrics_address = format_address(options.host, options.metrics_port)
+            try:
+                await metrics.start(options.host, options.metrics_port)
+            except OSError as error:
+                raise ListenError(
+                    f"cannot listen on {metrics_address}: {error.strerror or error}"
+                ) from None
+            stack.push_async_callback(metrics.stop)
+        bound = format_address(options.host, port)
+        _log.info(
+            "serving on %s", bound, extra={"event": "started", "address": bound, "port": port}
+        )
+        if on_listening is not None:
+            on_listening(port)
+        await _until_signal_then_stop(server, board, options)
+    _log.info("stopped", extra={"event": "stopped"})
 
+
+async def _until_signal_then_stop(
+    server: grpc.aio.Server, board: StatusBoard, options: ServeOptions
+) -> None:
     loop = asyncio.get_running_loop()
     stop, hurry = asyncio.Event(), asyncio.Event()
 
@@ -145,5 +184,3 @@ async def serve(
         for signum in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(ValueError, RuntimeError):
                 loop.remove_signal_handler(signum)
-        await server.stop(None)
-    _log.info("stopped", extra={"event": "stopped"})

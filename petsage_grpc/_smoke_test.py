@@ -7,6 +7,7 @@ from typing import Final
 import grpc
 from google.protobuf.message import DecodeError
 
+from petsage_grpc._check import CHECK_PREFIX
 from petsage_grpc._generated.petsage.v1 import smoke_test_service_pb2
 from petsage_grpc._registration import register_service
 from petsage_grpc._status import SMOKE_TEST_SERVICE, ServingStatus, StatusBoard
@@ -16,9 +17,6 @@ __all__ = ["SMOKE_TEST_MESSAGE", "add_smoke_test_service"]
 SMOKE_TEST_MESSAGE: Final = "PetSage system is alive and purring."
 # Public: the refusal is fixed text that names no host, dependency or error.
 _NOT_SERVING_DETAILS: Final = "PetSage is not serving right now"
-_OK: Final = smoke_test_service_pb2.SmokeTestResponse(
-    status="ok", message=SMOKE_TEST_MESSAGE
-).SerializeToString()
 
 _SERVICE_NAME: Final = smoke_test_service_pb2.DESCRIPTOR.services_by_name[
     "SmokeTestService"
@@ -26,9 +24,18 @@ _SERVICE_NAME: Final = smoke_test_service_pb2.DESCRIPTOR.services_by_name[
 assert _SERVICE_NAME == SMOKE_TEST_SERVICE  # noqa: S101 - the proto and the board must agree
 
 
+def _answer(checks: dict[str, bool]) -> bytes:
+    response = smoke_test_service_pb2.SmokeTestResponse(status="ok", message=SMOKE_TEST_MESSAGE)
+    for name in sorted(checks):
+        response.checks.add(name=name, serving=checks[name])
+    return response.SerializeToString()
+
+
 class _SmokeTestServicer:
-    def __init__(self, board: StatusBoard) -> None:
+    def __init__(self, board: StatusBoard, *, report_checks: bool) -> None:
         self._board = board
+        self._report_checks = report_checks
+        self._plain = _answer({})
 
     async def smoke_test(
         self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]
@@ -39,12 +46,26 @@ class _SmokeTestServicer:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed SmokeTestRequest")
         if self._board.get(SMOKE_TEST_SERVICE) is not ServingStatus.SERVING:
             await context.abort(grpc.StatusCode.UNAVAILABLE, _NOT_SERVING_DETAILS)
-        return _OK
+        if not self._report_checks:
+            return self._plain
+        checks = {
+            name.removeprefix(CHECK_PREFIX): status is ServingStatus.SERVING
+            for name, status in self._board.snapshot().items()
+            if name.startswith(CHECK_PREFIX)
+        }
+        return _answer(checks) if checks else self._plain
 
 
-def add_smoke_test_service(server: grpc.aio.Server, board: StatusBoard) -> None:
-    """Register ``petsage.v1.SmokeTestService`` on *server*, answering from *board*."""
+def add_smoke_test_service(
+    server: grpc.aio.Server, board: StatusBoard, *, report_checks: bool = True
+) -> None:
+    """Register ``petsage.v1.SmokeTestService`` on *server*, answering from *board*.
+
+    With *report_checks*, a serving answer lists each dependency check (``check.<name>``
+    on the board) by name with its state; without, it lists none.
+    """
+    servicer = _SmokeTestServicer(board, report_checks=report_checks)
     handlers: dict[str, grpc.RpcMethodHandler[bytes, bytes]] = {
-        "SmokeTest": grpc.unary_unary_rpc_method_handler(_SmokeTestServicer(board).smoke_test),
+        "SmokeTest": grpc.unary_unary_rpc_method_handler(servicer.smoke_test),
     }
     register_service(server, SMOKE_TEST_SERVICE, handlers)

@@ -20,6 +20,7 @@ __all__ = [
     "OVERALL",
     "READINESS",
     "SMOKE_TEST_SERVICE",
+    "STARTUP",
     "ServingStatus",
     "StatusBoard",
 ]
@@ -32,12 +33,14 @@ LIVENESS: Final = "liveness"
 """The process is alive; only a wedged process should fail it. Stays SERVING while draining."""
 READINESS: Final = "readiness"
 """The process should receive traffic. Goes NOT_SERVING first when draining."""
+STARTUP: Final = "startup"
+"""The process has finished starting; gates Kubernetes liveness probes. Kept while draining."""
 SMOKE_TEST_SERVICE: Final = "petsage.v1.SmokeTestService"
 """The SmokeTest RPC's own health entry; SmokeTest answers OK only while it is SERVING."""
 
 # Names whose status survives drain(): a pod that is shutting down cleanly must not be
 # restarted by its liveness probe.
-_KEPT_WHILE_DRAINING: Final = frozenset({LIVENESS})
+_KEPT_WHILE_DRAINING: Final = frozenset({LIVENESS, STARTUP})
 
 
 class ServingStatus(enum.IntEnum):
@@ -48,6 +51,13 @@ class ServingStatus(enum.IntEnum):
     NOT_SERVING = 2
     SERVICE_UNKNOWN = 3
     """Only sent on Watch, for a name the board does not know (yet)."""
+
+
+def _settable(status: ServingStatus) -> ServingStatus:
+    status = ServingStatus(status)
+    if status is ServingStatus.SERVICE_UNKNOWN:
+        raise ValueError("SERVICE_UNKNOWN is reported for unknown names; use clear()")
+    return status
 
 
 class _Closed:
@@ -122,15 +132,16 @@ def _publish(changes: Iterable[_Change]) -> None:
 class StatusBoard:
     """Serving status per service name, with drain, shutdown and change subscriptions.
 
-    A new board knows ``""`` (the whole server), ``liveness``, ``readiness`` and
-    ``petsage.v1.SmokeTestService``, all SERVING unless *initial* says otherwise.
+    A new board knows ``""`` (the whole server), ``liveness``, ``readiness``,
+    ``startup`` and ``petsage.v1.SmokeTestService``, all SERVING unless *initial* says
+    otherwise.
 
     Every method is safe to call from the event loop and from any other thread.
     Status changes are logged once each, at INFO, on the ``petsage_grpc.status`` logger.
 
     The board separates what was *set* from what is *reported*:
 
-    - :meth:`drain` reports every name but ``liveness`` as NOT_SERVING;
+    - :meth:`drain` reports every name but ``liveness`` and ``startup`` as NOT_SERVING;
     - :meth:`shutdown` reports every name as NOT_SERVING (terminal, as grpc-go's
       ``Shutdown``);
     - :meth:`resume` leaves either state and reports what was set again, including
@@ -138,11 +149,17 @@ class StatusBoard:
     """
 
     def __init__(self, initial: Mapping[str, ServingStatus] | None = None) -> None:
+        """Create a board with the standard names, overridden or extended by *initial*.
+
+        Raises:
+            ValueError: a status in *initial* is SERVICE_UNKNOWN or not a status.
+        """
         self._lock = threading.Lock()
         self._set: dict[str, ServingStatus] = dict.fromkeys(
-            (OVERALL, LIVENESS, READINESS, SMOKE_TEST_SERVICE), ServingStatus.SERVING
+            (OVERALL, LIVENESS, READINESS, STARTUP, SMOKE_TEST_SERVICE), ServingStatus.SERVING
         )
-        self._set.update(initial or {})
+        for service, status in (initial or {}).items():
+            self._set[service] = _settable(status)
         self._draining = False
         self._shut_down = False
         self._watches_closed = False
@@ -181,9 +198,7 @@ class StatusBoard:
         Raises:
             ValueError: *status* is SERVICE_UNKNOWN.
         """
-        status = ServingStatus(status)
-        if status is ServingStatus.SERVICE_UNKNOWN:
-            raise ValueError("SERVICE_UNKNOWN is reported for unknown names; use clear()")
+        status = _settable(status)
         with self._lock:
             self._set[service] = status
             changes = self._apply({service: self._reportable(service, status)})
@@ -198,10 +213,10 @@ class StatusBoard:
         _publish(changes)
 
     def drain(self) -> None:
-        """Report every name except ``liveness`` as NOT_SERVING until :meth:`resume`.
+        """Report every name but ``liveness`` and ``startup`` as NOT_SERVING until :meth:`resume`.
 
         For a graceful stop: load balancers and readiness probes move traffic away
-        while liveness probes keep passing.
+        while liveness probes keep passing, so the pod is not restarted meanwhile.
         """
         self._change_mode(draining=True, shut_down=self._shut_down, reason="draining")
 
@@ -242,7 +257,8 @@ class StatusBoard:
                 self._reported[service] = new
             watchers = tuple(self._watchers.get(service, ()))
             for watcher in watchers:
-                watcher.latest = ServingStatus.SERVICE_UNKNOWN if new is None else new
+                if not isinstance(watcher.latest, _Closed):  # close_watches() is final
+                    watcher.latest = ServingStatus.SERVICE_UNKNOWN if new is None else new
             changes.append(_Change(service, old, new, watchers))
         return changes
 

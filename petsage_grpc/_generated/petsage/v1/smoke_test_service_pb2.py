@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#petsage/v1/smoke_test_service.proto\x12\npetsage.v1\"\x12\n\x10SmokeTestRequest\"4\n\x11SmokeTestResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t2\\\n\x10SmokeTestService\x12H\n\tSmokeTest\x12\x1c.petsage.v1.SmokeTestRequest\x1a\x1d.petsage.v1.SmokeTestResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#petsage/v1/smoke_test_service.proto\x12\npetsage.v1\"\x12\n\x10SmokeTestRequest\"`\n\x11SmokeTestResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12*\n\x06\x63hecks\x18\x03 \x03(\x0b\x32\x1a.petsage.v1.SmokeTestCheck\"/\n\x0eSmokeTestCheck\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07serving\x18\x02 \x01(\x08\x32\\\n\x10SmokeTestService\x12H\n\tSmokeTest\x12\x1c.petsage.v1.SmokeTestRequest\x1a\x1d.petsage.v1.SmokeTestResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,7 +34,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SMOKETESTREQUEST']._serialized_start=51
   _globals['_SMOKETESTREQUEST']._serialized_end=69
   _globals['_SMOKETESTRESPONSE']._serialized_start=71
-  _globals['_SMOKETESTRESPONSE']._serialized_end=123
-  _globals['_SMOKETESTSERVICE']._serialized_start=125
-  _globals['_SMOKETESTSERVICE']._serialized_end=217
+  _globals['_SMOKETESTRESPONSE']._serialized_end=167
+  _globals['_SMOKETESTCHECK']._serialized_start=169
+  _globals['_SMOKETESTCHECK']._serialized_end=216
+  _globals['_SMOKETESTSERVICE']._serialized_start=218
+  _globals['_SMOKETESTSERVICE']._serialized_end=310
 # @@protoc_insertion_point(module_scope)

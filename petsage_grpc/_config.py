@@ -1,0 +1,182 @@
+"""The TOML configuration file: server settings, smoke test options and dependency checks.
+
+Validated completely before anything listens: every problem is reported at once, each
+with the file, the key and what is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from petsage_grpc._check import Check, CheckError
+from petsage_grpc._dependencies import resolve_callable
+from petsage_grpc._durations import parse_duration
+from petsage_grpc._settings import SERVER_SETTINGS
+
+__all__ = ["Config", "ConfigError", "load_config"]
+
+_SERVER_KEYS: Final = {s.name: s for s in SERVER_SETTINGS if s.in_file}
+_CHECK_DURATIONS: Final = ("interval", "timeout", "initial_delay")
+_CHECK_KEYS: Final = frozenset(
+    {
+        "name",
+        "kind",
+        "target",
+        *_CHECK_DURATIONS,
+        "failure_threshold",
+        "success_threshold",
+        "critical",
+        "password_env",
+        "expect_status",
+        "service",
+    }
+)
+
+
+class ConfigError(Exception):
+    """The configuration file is unusable; ``problems`` has one line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated configuration file."""
+
+    server: Mapping[str, Any] = field(default_factory=dict)
+    """Server settings from ``[server]``, converted; flags and environment override them."""
+    checks: tuple[Check, ...] = ()
+    report_checks: bool = True
+    """``[smoke_test] report_checks``: SmokeTest lists each check's name and state."""
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate the configuration file at *path*.
+
+    Raises:
+        ConfigError: the file cannot be read or parsed, or holds invalid values.
+    """
+    where = str(path)
+    try:
+        with open(path, "rb") as file:
+            document = tomllib.load(file)
+    except OSError as error:
+        raise ConfigError([f"{where}: cannot read: {error.strerror or error}"]) from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError([f"{where}: not valid TOML: {error}"]) from None
+    problems: list[str] = []
+
+    def problem(key: str, message: str) -> None:
+        problems.append(f"{where}: {key}: {message}")
+
+    for key in document.keys() - {"server", "smoke_test", "checks"}:
+        problem(key, "unknown key (expected server, smoke_test, checks)")
+    server = _section(document, "server", problem)
+    server_values: dict[str, Any] = {}
+    for key, value in server.items():
+        setting = _SERVER_KEYS.get(key)
+        if setting is None:
+            problem(f"server.{key}", f"unknown key (expected {', '.join(_SERVER_KEYS)})")
+            continue
+        try:
+            server_values[key] = setting.convert(value)
+        except ValueError as error:
+            problem(f"server.{key}", str(error))
+    smoke_test = _section(document, "smoke_test", problem)
+    report_checks = smoke_test.get("report_checks", True)
+    for key in smoke_test.keys() - {"report_checks"}:
+        problem(f"smoke_test.{key}", "unknown key (expected report_checks)")
+    if not isinstance(report_checks, bool):
+        problem("smoke_test.report_checks", f"must be true or false, not {report_checks!r}")
+    checks = _checks(document.get("checks", []), problem)
+    if problems:
+        raise ConfigError(problems)
+    return Config(server=server_values, checks=tuple(checks), report_checks=bool(report_checks))
+
+
+def _section(
+    document: Mapping[str, Any], name: str, problem: Callable[[str, str], None]
+) -> Mapping[str, Any]:
+    value = document.get(name, {})
+    if not isinstance(value, dict):
+        problem(name, "must be a table, e.g. [" + name + "]")
+        return {}
+    return value
+
+
+def _prefixed(problem: Callable[[str, str], None], label: str) -> Callable[[str, str], None]:
+    def report(key: str, message: str) -> None:
+        problem(f"{label}.{key}", message)
+
+    return report
+
+
+def _checks(entries: object, problem: Callable[[str, str], None]) -> list[Check]:
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        problem("checks", "must be an array of tables, written [[checks]]")
+        return []
+    checks: list[Check] = []
+    seen: set[str] = set()
+    for index, entry in enumerate(entries):
+        label = f"checks[{index}]" + (
+            f" ({entry['name']!r})" if isinstance(entry.get("name"), str) else ""
+        )
+        check = _check(entry, _prefixed(problem, label))
+        if check is None:
+            continue
+        if check.name in seen:
+            problem(f"{label}.name", f"duplicate check name {check.name!r}")
+            continue
+        seen.add(check.name)
+        checks.append(check)
+    return checks
+
+
+def _check(  # noqa: PLR0912 - one rule per branch
+    entry: Mapping[str, Any], problem: Callable[[str, str], None]
+) -> Check | None:
+    ok = True
+    for key in sorted(entry.keys() - _CHECK_KEYS):
+        problem(key, "unknown key")
+        ok = False
+    for key in ("name", "kind", "target"):
+        if key not in entry:
+            problem(key, "missing")
+            ok = False
+    values = dict(entry)
+    for key in _CHECK_DURATIONS:
+        if key in values:
+            try:
+                values[key] = parse_duration(values[key])
+            except ValueError as error:
+                problem(key, str(error))
+                ok = False
+    if "expect_status" in values:
+        statuses = values["expect_status"]
+        values["expect_status"] = tuple(statuses) if isinstance(statuses, list) else (statuses,)
+    env = values.get("password_env")
+    if env is not None and (not isinstance(env, str) or env not in os.environ):
+        problem("password_env", f"environment variable {env!r} is not set")
+        ok = False
+    if not ok:
+        return None
+    try:
+        check = Check(**values)
+    except CheckError as error:
+        for line in error.problems:
+            key, _, message = line.partition(": ")
+            problem(key, message)
+        return None
+    if check.kind == "python" and isinstance(check.target, str):
+        try:
+            resolve_callable(check.target)
+        except ValueError as error:
+            problem("target", str(error))
+            return None
+    return check

@@ -1,0 +1,172 @@
+"""Prometheus metrics: served statuses, dependency checks and RPCs, on an optional HTTP port.
+
+Statuses and check states are read from the board and the monitor when Prometheus
+scrapes, so they cost nothing between scrapes. RPCs are counted by a server interceptor
+that the standalone server installs only when metrics are on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import grpc
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from petsage_grpc._monitor import HealthMonitor
+from petsage_grpc._status import ServingStatus, StatusBoard
+
+__all__ = ["Metrics"]
+
+_log = logging.getLogger("petsage_grpc.metrics")
+
+
+class _StateCollector(Collector):
+    def __init__(self, board: StatusBoard, monitor: HealthMonitor | None) -> None:
+        self._board = board
+        self._monitor = monitor
+
+    def collect(self) -> Iterator[Metric]:
+        serving = GaugeMetricFamily(
+            "petsage_grpc_service_serving",
+            "1 if the health service name reports SERVING, else 0.",
+            labels=["service"],
+        )
+        for name, status in sorted(self._board.snapshot().items()):
+            serving.add_metric([name], 1.0 if status is ServingStatus.SERVING else 0.0)
+        yield serving
+        if self._monitor is None:
+            return
+        duration = GaugeMetricFamily(
+            "petsage_grpc_check_last_duration_seconds",
+            "How long the check's last attempt took.",
+            labels=["check"],
+        )
+        failures = GaugeMetricFamily(
+            "petsage_grpc_check_consecutive_failures",
+            "Failed attempts since the check last passed.",
+            labels=["check"],
+        )
+        last_success = GaugeMetricFamily(
+            "petsage_grpc_check_last_success_timestamp_seconds",
+            "When the check last passed (seconds since the epoch).",
+            labels=["check"],
+        )
+        for state in self._monitor.states:
+            labels = [state.check.name]
+            if state.last_duration is not None:
+                duration.add_metric(labels, state.last_duration)
+            failures.add_metric(labels, state.consecutive_failures)
+            if state.last_success_time is not None:
+                last_success.add_metric(labels, state.last_success_time)
+        yield from (duration, failures, last_success)
+
+
+class _RpcCounter(grpc.aio.ServerInterceptor):
+    """Counts finished RPCs by method and status code (unknown methods as one label)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._total = Counter(
+            "petsage_grpc_rpcs",
+            "RPCs handled, by method and gRPC status code.",
+            ["method", "code"],
+            registry=registry,
+        )
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            self._total.labels("unknown", grpc.StatusCode.UNIMPLEMENTED.name).inc()
+            return handler
+        method = handler_call_details.method.lstrip("/")
+        if handler.unary_unary is not None:
+            return handler._replace(unary_unary=self._unary(method, handler.unary_unary))  # type: ignore[attr-defined, no-any-return]
+        if handler.unary_stream is not None:
+            return handler._replace(unary_stream=self._stream(method, handler.unary_stream))  # type: ignore[attr-defined, no-any-return]
+        if handler.stream_stream is not None:
+            return handler._replace(stream_stream=self._stream(method, handler.stream_stream))  # type: ignore[attr-defined, no-any-return]
+        return handler
+
+    def _code(
+        self, context: grpc.aio.ServicerContext[Any, Any], error: BaseException | None
+    ) -> str:
+        if isinstance(error, BaseException) and not isinstance(error, Exception):
+            return grpc.StatusCode.CANCELLED.name
+        code: object = context.code()
+        if isinstance(code, grpc.StatusCode):
+            return code.name
+        return grpc.StatusCode.UNKNOWN.name if error is not None else grpc.StatusCode.OK.name
+
+    def _unary(self, method: str, behaviour: Any) -> Any:
+        async def counted(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            error: BaseException | None = None
+            try:
+                return await behaviour(request, context)
+            except BaseException as caught:
+                error = caught
+                raise
+            finally:
+                self._total.labels(method, self._code(context, error)).inc()
+
+        return counted
+
+    def _stream(self, method: str, behaviour: Any) -> Any:
+        async def counted(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            error: BaseException | None = None
+            try:
+                async for response in behaviour(request, context):
+                    yield response
+            except BaseException as caught:
+                error = caught
+                raise
+            finally:
+                self._total.labels(method, self._code(context, error)).inc()
+
+        return counted
+
+
+class Metrics:
+    """A Prometheus registry for one server, and the HTTP endpoint that serves it."""
+
+    def __init__(self, board: StatusBoard, monitor: HealthMonitor | None = None) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_StateCollector(board, monitor))
+        self.interceptor: grpc.aio.ServerInterceptor = _RpcCounter(self.registry)
+        self._runner: web.AppRunner | None = None
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+    async def start(self, host: str, port: int) -> int:
+        """Serve ``GET /metrics`` on *host*:*port*; return the bound port."""
+        app = web.Application()
+        app.router.add_get("/metrics", self._handle)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host or None, port, reuse_port=False)
+        await site.start()
+        server = site._server  # aiohttp exposes the bound port only here
+        sockets = getattr(server, "sockets", None) or ()
+        bound = sockets[0].getsockname()[1] if sockets else port
+        _log.info(
+            "metrics on port %d at /metrics", bound, extra={"event": "metrics", "port": bound}
+        )
+        return int(bound)
+
+    async def stop(self) -> None:
+        """Stop serving metrics."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None

@@ -1,0 +1,185 @@
+"""Runs the dependency checks on the event loop and keeps the status board truthful.
+
+Each check is one task: attempt, judge, sleep, repeat. Nothing here is on the path of
+an RPC: Check, Watch, List and SmokeTest read the board, which this writes.
+
+Aggregation:
+    - ``check.<name>`` follows its check's thresholds;
+    - ``readiness``, ``""`` and ``petsage.v1.SmokeTestService`` are SERVING while every
+      critical check is;
+    - ``startup`` is SERVING once every critical check has finished its first attempt
+      (at most ``initial_delay + timeout`` after start, since every attempt is bounded);
+    - ``liveness`` is never touched: an outage of a dependency must not restart pods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Final
+
+from petsage_grpc._check import Check
+from petsage_grpc._dependencies import Prober, make_prober
+from petsage_grpc._status import (
+    OVERALL,
+    READINESS,
+    SMOKE_TEST_SERVICE,
+    STARTUP,
+    ServingStatus,
+    StatusBoard,
+)
+
+__all__ = ["CheckState", "HealthMonitor"]
+
+_log = logging.getLogger("petsage_grpc.checks")
+_JITTER: Final = 0.1
+"""Each wait is the interval ± 10 %, so that pods started together do not check in step."""
+_AGGREGATES: Final = (READINESS, OVERALL, SMOKE_TEST_SERVICE)
+
+
+@dataclass
+class CheckState:
+    """What the monitor knows about one check (read by metrics)."""
+
+    check: Check
+    serving: bool = False
+    completed_first_attempt: bool = False
+    consecutive_failures: int = 0
+    consecutive_successes: int = 0
+    last_duration: float | None = None
+    last_success_time: float | None = None
+    """Wall-clock time (seconds since the epoch) of the last passing attempt."""
+    last_error: str | None = None
+
+
+class HealthMonitor:
+    """Schedules dependency checks and writes their results to a status board.
+
+    Use it as an async context manager around the server's lifetime, or call
+    :meth:`start` and :meth:`stop`. Starting it makes the aggregate names follow the
+    critical checks (so set them through checks, not by hand, while it runs).
+
+    Raises:
+        ValueError: two checks share a name, or a ``python`` target cannot be imported.
+    """
+
+    def __init__(self, board: StatusBoard, checks: Iterable[Check]) -> None:
+        self._board = board
+        checks = list(checks)
+        names = [check.name for check in checks]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate check names: {', '.join(duplicates)}")
+        self._states = {check.name: CheckState(check) for check in checks}
+        self._probers: dict[str, Prober] = {check.name: make_prober(check) for check in checks}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def states(self) -> Sequence[CheckState]:
+        """Each check's current state, in configuration order."""
+        return tuple(self._states.values())
+
+    async def start(self) -> None:
+        """Register every check as NOT_SERVING, derive the aggregates, start checking."""
+        for state in self._states.values():
+            self._board.set(state.check.service_name, ServingStatus.NOT_SERVING)
+        self._update_aggregates()
+        self._tasks = [
+            asyncio.create_task(self._run(state), name=f"check {name}")
+            for name, state in self._states.items()
+        ]
+
+    async def stop(self) -> None:
+        """Stop checking and close every dependency connection."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        for prober in self._probers.values():
+            with contextlib.suppress(Exception):
+                await prober.aclose()
+
+    async def __aenter__(self) -> HealthMonitor:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def _run(self, state: CheckState) -> None:
+        check, prober = state.check, self._probers[state.check.name]
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(check.initial_delay)
+        while True:
+            started = loop.time()
+            error = await self._attempt(prober, check.timeout)
+            state.last_duration = loop.time() - started
+            self._record(state, error)
+            wait = check.interval * random.uniform(1 - _JITTER, 1 + _JITTER)  # noqa: S311
+            await asyncio.sleep(max(0.0, wait - state.last_duration))
+
+    @staticmethod
+    async def _attempt(prober: Prober, limit: float) -> str | None:
+        """Run one attempt; return None if it passed, else why it failed."""
+        try:
+            async with asyncio.timeout(limit):
+                await prober()
+        except TimeoutError:
+            return f"no answer within {limit:g}s"
+        except asyncio.CancelledError:
+            raise
+        except BaseException as error:  # noqa: BLE001 - any failure of a check is a failed check
+            return f"{type(error).__name__}: {error}".rstrip(": ")
+        return None
+
+    def _record(self, state: CheckState, error: str | None) -> None:
+        check = state.check
+        if error is None:
+            state.consecutive_failures = 0
+            state.consecutive_successes += 1
+            state.last_success_time = time.time()
+            if state.last_error is not None:
+                _log.info(
+                    "check %r passes again", check.name, extra={"service": check.service_name}
+                )
+                state.last_error = None
+            if not state.serving and state.consecutive_successes >= check.success_threshold:
+                state.serving = True
+        else:
+            state.consecutive_successes = 0
+            state.consecutive_failures += 1
+            if state.last_error is None:
+                # Once per run of failures, not on every attempt.
+                _log.warning(
+                    "check %r failed: %s", check.name, error, extra={"service": check.service_name}
+                )
+            state.last_error = error
+            if state.serving and state.consecutive_failures >= check.failure_threshold:
+                state.serving = False
+        first = not state.completed_first_attempt
+        state.completed_first_attempt = True
+        self._board.set(
+            check.service_name,
+            ServingStatus.SERVING if state.serving else ServingStatus.NOT_SERVING,
+        )
+        if first or check.critical:
+            self._update_aggregates()
+
+    def _update_aggregates(self) -> None:
+        critical = [state for state in self._states.values() if state.check.critical]
+        ready = all(state.serving for state in critical)
+        for name in _AGGREGATES:
+            self._board.set(name, ServingStatus.SERVING if ready else ServingStatus.NOT_SERVING)
+        started = all(state.completed_first_attempt for state in critical)
+        self._board.set(STARTUP, ServingStatus.SERVING if started else ServingStatus.NOT_SERVING)

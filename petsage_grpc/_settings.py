@@ -1,0 +1,139 @@
+"""The server's settings: one table that flags, environment variables and the config file share.
+
+A value given as a flag wins over the environment variable ``PETSAGE_GRPC_<NAME>``, which
+wins over the ``[server]`` table of the configuration file, which wins over the default.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from petsage_grpc._durations import parse_go_duration
+
+__all__ = ["ENV_PREFIX", "SERVER_SETTINGS", "Setting", "resolve_settings"]
+
+ENV_PREFIX: Final = "PETSAGE_GRPC_"
+LOG_FORMATS: Final = ("text", "json")
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+
+
+def _port(value: object) -> int:
+    text = str(value).strip()
+    if isinstance(value, bool) or not text.isdigit():
+        raise ValueError(f"not a port number: {value!r}")
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port must be 0-65535, not {port}")
+    return port
+
+
+def _seconds(value: object) -> float:
+    """A number of seconds ("5", 5, 2.5) or a Go duration ("500ms")."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a number of seconds: {value!r}")
+    try:
+        seconds = float(value) if isinstance(value, int | float) else float(str(value))
+    except ValueError:
+        try:
+            seconds = parse_go_duration(str(value).strip())
+        except ValueError:
+            raise ValueError(f"not a number of seconds or a duration: {value!r}") from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"seconds must be a finite number >= 0, not {value!r}")
+    return seconds
+
+
+def _choice(*choices: str) -> Callable[[object], str]:
+    def convert(value: object) -> str:
+        text = str(value).lower()
+        if not isinstance(value, str) or text not in choices:
+            raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
+        return text
+
+    return convert
+
+
+def _host(value: object) -> str:
+    text = str(value)
+    if not isinstance(value, str) or any(c.isspace() for c in text) or "/" in text:
+        raise ValueError(f"not a host name or IP address: {value!r}")
+    return text[1:-1] if text.startswith("[") and text.endswith("]") else text
+
+
+def _path(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"not a file path: {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One server setting: its name, how to read a value, its default, and help text."""
+
+    name: str
+    convert: Callable[[object], Any]
+    default: Any
+    help: str
+    in_file: bool = True
+    """Whether the configuration file's [server] table may set it."""
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+
+SERVER_SETTINGS: Final = (
+    Setting("config", _path, None, "TOML configuration file (checks, settings)", in_file=False),
+    Setting("host", _host, "", "address to listen on (default: every interface)"),
+    Setting("port", _port, 50051, "TCP port; 0 picks a free one (default: 50051)"),
+    Setting("log_level", _choice(*LOG_LEVELS), "info", "debug, info, warning or error"),
+    Setting("log_format", _choice(*LOG_FORMATS), "text", "text or json (one object a line)"),
+    Setting(
+        "drain_seconds",
+        _seconds,
+        5.0,
+        "after SIGTERM, keep answering with readiness NOT_SERVING this long (default: 5)",
+    ),
+    Setting("grace_seconds", _seconds, 5.0, "then give calls in flight this long (default: 5)"),
+    Setting(
+        "metrics_port",
+        _port,
+        None,
+        "serve Prometheus metrics on this port at /metrics (default: off)",
+    ),
+)
+
+
+class SettingError(ValueError):
+    """A setting's value is invalid; the message names where it came from."""
+
+
+def resolve_settings(
+    flags: Mapping[str, Any],
+    environ: Mapping[str, str],
+    file_values: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Merge already-converted *flags* with the environment, the file and the defaults.
+
+    Raises:
+        SettingError: an environment variable's value is invalid.
+    """
+    values: dict[str, Any] = {}
+    for setting in SERVER_SETTINGS:
+        value = flags.get(setting.name)
+        if value is None and setting.env in environ:
+            try:
+                value = setting.convert(environ[setting.env])
+            except ValueError as error:
+                raise SettingError(f"environment variable {setting.env}: {error}") from None
+        if value is None and file_values is not None:
+            value = file_values.get(setting.name)
+        values[setting.name] = setting.default if value is None else value
+    return values
