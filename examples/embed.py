@@ -32,7 +32,7 @@ async def warm_up() -> None:
 
 
 async def main(port: int) -> None:
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=petsage_grpc.SERVER_OPTIONS)
     server.add_generic_rpc_handlers(
         (
             grpc.method_handlers_generic_handler(

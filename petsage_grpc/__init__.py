@@ -18,8 +18,9 @@ if TYPE_CHECKING:
     from petsage_grpc._check import CHECK_PREFIX, Check, CheckError
     from petsage_grpc._drain import graceful_stop
     from petsage_grpc._embed import add_to_server
+    from petsage_grpc._health import HealthLimits
     from petsage_grpc._monitor import CheckState, HealthMonitor
-    from petsage_grpc._server import ListenError, ServeOptions, serve
+    from petsage_grpc._server import SERVER_OPTIONS, ListenError, ServeOptions, serve
     from petsage_grpc._status import (
         LIVENESS,
         OVERALL,
@@ -35,11 +36,13 @@ __all__ = [
     "LIVENESS",
     "OVERALL",
     "READINESS",
+    "SERVER_OPTIONS",
     "SMOKE_TEST_SERVICE",
     "STARTUP",
     "Check",
     "CheckError",
     "CheckState",
+    "HealthLimits",
     "HealthMonitor",
     "ListenError",
     "ServeOptions",
@@ -55,10 +58,12 @@ _HOMES = {
     "Check": "_check",
     "CheckError": "_check",
     "CheckState": "_monitor",
+    "HealthLimits": "_health",
     "HealthMonitor": "_monitor",
     "graceful_stop": "_drain",
     "add_to_server": "_embed",
     "ListenError": "_server",
+    "SERVER_OPTIONS": "_server",
     "ServeOptions": "_server",
     "serve": "_server",
     "LIVENESS": "_status",

@@ -14,7 +14,11 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:
+    from petsage_grpc._config import Config
+    from petsage_grpc._server import ServeOptions
 
 __all__ = ["main"]
 
@@ -77,24 +81,57 @@ def _serve(argv: Sequence[str], environ: Mapping[str, str]) -> int:
     import asyncio  # noqa: PLC0415 - heavy imports only once the input is known to be good
 
     from petsage_grpc._logging import configure_logging  # noqa: PLC0415
-    from petsage_grpc._server import ListenError, ServeOptions, serve  # noqa: PLC0415
+    from petsage_grpc._server import ListenError, serve  # noqa: PLC0415
 
+    try:
+        options = _serve_options(values, config)
+    except ValueError as error:
+        parser.error(str(error))
     configure_logging(level=values["log_level"], fmt=values["log_format"])
-    options = ServeOptions(
-        host=values["host"],
-        port=values["port"],
-        drain_seconds=values["drain_seconds"],
-        grace_seconds=values["grace_seconds"],
-        metrics_port=values["metrics_port"],
-        checks=config.checks,
-        report_checks=config.report_checks,
-    )
     try:
         asyncio.run(serve(options))
     except ListenError as error:
         print(f"{PROG} serve: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     return 0
+
+
+def _serve_options(values: Mapping[str, Any], config: Config) -> ServeOptions:
+    """Combine resolved settings and the file into ServeOptions.
+
+    Raises:
+        ValueError: TLS files are incomplete or unusable, or the token file is unusable.
+    """
+    from petsage_grpc._auth import BearerToken  # noqa: PLC0415
+    from petsage_grpc._health import HealthLimits  # noqa: PLC0415
+    from petsage_grpc._server import ServeOptions  # noqa: PLC0415
+    from petsage_grpc._tls import TlsFiles  # noqa: PLC0415
+
+    cert, key, client_ca = values["tls_cert"], values["tls_key"], values["tls_client_ca"]
+    if (cert is None) != (key is None):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if client_ca is not None and cert is None:
+        raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+    token = config.auth_token
+    if values["auth_token_file"] is not None:
+        token = BearerToken.read_file(values["auth_token_file"])
+    return ServeOptions(
+        host=values["host"],
+        port=values["port"],
+        drain_seconds=values["drain_seconds"],
+        grace_seconds=values["grace_seconds"],
+        metrics_port=values["metrics_port"],
+        probe_port=values["probe_port"],
+        tls=None if cert is None else TlsFiles(cert=cert, key=key, client_ca=client_ca),
+        auth_token=token,
+        protect_reflection=config.protect_reflection,
+        limits=HealthLimits(
+            max_watch_streams=values["max_watch_streams"],
+            max_watch_streams_per_connection=values["max_watch_streams_per_connection"],
+        ),
+        checks=config.checks,
+        report_checks=config.report_checks,
+    )
 
 
 def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None = None) -> int:

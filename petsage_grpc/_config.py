@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from petsage_grpc._check import Check, CheckError
+from petsage_grpc._check import Check
 from petsage_grpc._dependencies import resolve_callable
 from petsage_grpc._durations import parse_duration
 from petsage_grpc._settings import SERVER_SETTINGS
@@ -21,20 +21,6 @@ __all__ = ["Config", "ConfigError", "load_config"]
 
 _SERVER_KEYS: Final = {s.name: s for s in SERVER_SETTINGS if s.in_file}
 _CHECK_DURATIONS: Final = ("interval", "timeout", "initial_delay")
-_CHECK_KEYS: Final = frozenset(
-    {
-        "name",
-        "kind",
-        "target",
-        *_CHECK_DURATIONS,
-        "failure_threshold",
-        "success_threshold",
-        "critical",
-        "password_env",
-        "expect_status",
-        "service",
-    }
-)
 
 
 class ConfigError(Exception):
@@ -54,6 +40,10 @@ class Config:
     checks: tuple[Check, ...] = ()
     report_checks: bool = True
     """``[smoke_test] report_checks``: SmokeTest lists each check's name and state."""
+    auth_token: str | None = field(default=None, repr=False)
+    """The bearer token, from the environment variable that ``[auth] token_env`` names."""
+    protect_reflection: bool = True
+    """``[auth] protect_reflection``: with a token, reflection requires it too."""
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
@@ -75,8 +65,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     def problem(key: str, message: str) -> None:
         problems.append(f"{where}: {key}: {message}")
 
-    for key in document.keys() - {"server", "smoke_test", "checks"}:
-        problem(key, "unknown key (expected server, smoke_test, checks)")
+    for key in document.keys() - {"server", "smoke_test", "auth", "checks"}:
+        problem(key, "unknown key (expected server, smoke_test, auth, checks)")
     server = _section(document, "server", problem)
     server_values: dict[str, Any] = {}
     for key, value in server.items():
@@ -94,10 +84,34 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         problem(f"smoke_test.{key}", "unknown key (expected report_checks)")
     if not isinstance(report_checks, bool):
         problem("smoke_test.report_checks", f"must be true or false, not {report_checks!r}")
+    token, protect_reflection = _auth(_section(document, "auth", problem), problem)
     checks = _checks(document.get("checks", []), problem)
     if problems:
         raise ConfigError(problems)
-    return Config(server=server_values, checks=tuple(checks), report_checks=bool(report_checks))
+    return Config(
+        server=server_values,
+        checks=tuple(checks),
+        report_checks=bool(report_checks),
+        auth_token=token,
+        protect_reflection=bool(protect_reflection),
+    )
+
+
+def _auth(auth: Mapping[str, Any], problem: Callable[[str, str], None]) -> tuple[str | None, bool]:
+    for key in auth.keys() - {"token_env", "protect_reflection"}:
+        problem(f"auth.{key}", "unknown key (expected token_env, protect_reflection)")
+    token_env = auth.get("token_env")
+    token = None
+    if token_env is not None:
+        token = os.environ.get(token_env) if isinstance(token_env, str) else None
+        if token is None:
+            problem("auth.token_env", f"environment variable {token_env!r} is not set")
+        elif not token.strip() or any(c.isspace() for c in token.strip()):
+            problem("auth.token_env", f"environment variable {token_env!r} holds no usable token")
+    protect_reflection = auth.get("protect_reflection", True)
+    if not isinstance(protect_reflection, bool):
+        problem("auth.protect_reflection", f"must be true or false, not {protect_reflection!r}")
+    return (token.strip() if token else None), bool(protect_reflection)
 
 
 def _section(
@@ -138,41 +152,30 @@ def _checks(entries: object, problem: Callable[[str, str], None]) -> list[Check]
     return checks
 
 
-def _check(  # noqa: PLR0912 - one rule per branch
-    entry: Mapping[str, Any], problem: Callable[[str, str], None]
-) -> Check | None:
-    ok = True
-    for key in sorted(entry.keys() - _CHECK_KEYS):
-        problem(key, "unknown key")
-        ok = False
-    for key in ("name", "kind", "target"):
-        if key not in entry:
-            problem(key, "missing")
-            ok = False
+def _check(entry: Mapping[str, Any], problem: Callable[[str, str], None]) -> Check | None:
     values = dict(entry)
+    bad_durations = set()
     for key in _CHECK_DURATIONS:
         if key in values:
             try:
                 values[key] = parse_duration(values[key])
             except ValueError as error:
                 problem(key, str(error))
-                ok = False
-    if "expect_status" in values:
-        statuses = values["expect_status"]
-        values["expect_status"] = tuple(statuses) if isinstance(statuses, list) else (statuses,)
+                bad_durations.add(key)
+    if isinstance(values.get("expect_status"), list):
+        values["expect_status"] = tuple(values["expect_status"])
     env = values.get("password_env")
-    if env is not None and (not isinstance(env, str) or env not in os.environ):
+    missing_env = isinstance(env, str) and env not in os.environ
+    if missing_env:
         problem("password_env", f"environment variable {env!r} is not set")
-        ok = False
-    if not ok:
+    # Judge the rest with the bad durations left out, so every other problem shows too.
+    problems = Check.problems_with({k: v for k, v in values.items() if k not in bad_durations})
+    for line in problems:
+        key, _, message = line.partition(": ")
+        problem(key, message)
+    if problems or bad_durations or missing_env:
         return None
-    try:
-        check = Check(**values)
-    except CheckError as error:
-        for line in error.problems:
-            key, _, message = line.partition(": ")
-            problem(key, message)
-        return None
+    check = Check(**values)
     if check.kind == "python" and isinstance(check.target, str):
         try:
             resolve_callable(check.target)

@@ -6,7 +6,8 @@ from collections.abc import Iterable
 
 import grpc
 
-from petsage_grpc._health import DEFAULT_LIST_LIMIT, HEALTH_SERVICE, add_health_service
+from petsage_grpc._auth import BearerToken
+from petsage_grpc._health import HEALTH_SERVICE, HealthLimits, add_health_service
 from petsage_grpc._reflection import add_reflection_service
 from petsage_grpc._smoke_test import add_smoke_test_service
 from petsage_grpc._status import SMOKE_TEST_SERVICE, StatusBoard
@@ -20,8 +21,10 @@ def add_to_server(
     board: StatusBoard | None = None,
     reflection: bool = True,
     reflected_services: Iterable[str] = (),
-    list_limit: int = DEFAULT_LIST_LIMIT,
+    limits: HealthLimits | None = None,
     report_checks: bool = True,
+    auth_token: str | None = None,
+    protect_reflection: bool = True,
 ) -> StatusBoard:
     """Add ``grpc.health.v1.Health``, ``petsage.v1.SmokeTestService`` and reflection to *server*.
 
@@ -38,22 +41,29 @@ def add_to_server(
             Pass False if the application registers reflection itself.
         reflected_services: The application's own fully-qualified service names, to
             list through reflection beside Health, SmokeTestService and reflection.
-        list_limit: ``Health/List`` answers RESOURCE_EXHAUSTED when the board holds more
-            names than this.
+        limits: Caps on List size, service name length and open Watch streams
+            (:class:`HealthLimits` defaults if None).
         report_checks: A serving SmokeTest answer lists each dependency check by name
             and state (never targets or errors). False lists none, hiding even names.
+        auth_token: A bearer token that List, SmokeTest's per-check detail and (with
+            *protect_reflection*) reflection require as ``authorization: Bearer <token>``.
+            Check and Watch never require it. None: nothing requires a token.
+        protect_reflection: With *auth_token*, reflection requires it too.
 
     Returns:
         The status board, the single source of truth for what the server reports.
 
     Raises:
-        ValueError: *list_limit* is not positive.
+        ValueError: *auth_token* is empty or contains whitespace.
     """
-    if list_limit < 1:
-        raise ValueError(f"list_limit must be at least 1, not {list_limit}")
     board = StatusBoard() if board is None else board
-    add_health_service(server, board, list_limit=list_limit)
-    add_smoke_test_service(server, board, report_checks=report_checks)
+    auth = None if auth_token is None else BearerToken(auth_token)
+    add_health_service(server, board, limits=limits, auth=auth)
+    add_smoke_test_service(server, board, report_checks=report_checks, auth=auth)
     if reflection:
-        add_reflection_service(server, [HEALTH_SERVICE, SMOKE_TEST_SERVICE, *reflected_services])
+        add_reflection_service(
+            server,
+            [HEALTH_SERVICE, SMOKE_TEST_SERVICE, *reflected_services],
+            auth=auth if protect_reflection else None,
+        )
     return board

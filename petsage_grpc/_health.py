@@ -7,21 +7,22 @@ grpcio-health-checking's ``health_pb2``, the one copy of health.proto in the pro
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Final
 
 import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
 
+from petsage_grpc._auth import UNAUTHENTICATED_DETAILS, BearerToken
 from petsage_grpc._registration import register_service
 from petsage_grpc._status import ServingStatus, StatusBoard
 
-__all__ = ["DEFAULT_LIST_LIMIT", "HEALTH_SERVICE", "add_health_service"]
+__all__ = ["HEALTH_SERVICE", "HealthLimits", "add_health_service"]
 
 HEALTH_SERVICE: Final = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-DEFAULT_LIST_LIMIT: Final = 100
-"""List answers RESOURCE_EXHAUSTED above this many names, as grpc-go and grpc-js do."""
 
 _RESPONSES: Final = {
     status: health_pb2.HealthCheckResponse(status=status.name).SerializeToString()
@@ -30,24 +31,62 @@ _RESPONSES: Final = {
 _NO_COMPRESSION: Final = grpc.Compression.NoCompression
 
 
-def _service_name(request: bytes) -> str:
-    return health_pb2.HealthCheckRequest.FromString(request).service
+@dataclass(frozen=True, kw_only=True)
+class HealthLimits:
+    """Caps that keep one client from holding the health service's resources."""
+
+    list_limit: int = 100
+    """List answers RESOURCE_EXHAUSTED above this many names, as grpc-go and grpc-js do."""
+    max_service_name_length: int = 256
+    """Longer names are refused with INVALID_ARGUMENT (a Watch would otherwise hold them)."""
+    max_watch_streams: int = 50_000
+    """Open Watch streams in all; one more is refused with RESOURCE_EXHAUSTED."""
+    max_watch_streams_per_connection: int = 1_000
+    """Open Watch streams on one connection (clients need one per service they follow)."""
+
+    def __post_init__(self) -> None:
+        for name in (
+            "list_limit",
+            "max_service_name_length",
+            "max_watch_streams",
+            "max_watch_streams_per_connection",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+
+
+class _BadRequestError(Exception):
+    pass
 
 
 class _HealthServicer:
-    def __init__(self, board: StatusBoard, *, list_limit: int) -> None:
+    def __init__(self, board: StatusBoard, limits: HealthLimits, auth: BearerToken | None) -> None:
         self._board = board
-        self._list_limit = list_limit
+        self._limits = limits
+        self._auth = auth
+        self._watches = 0
+        self._watches_by_peer: Counter[str] = Counter()
+
+    def _service_name(self, request: bytes) -> str:
+        """The requested name; raises _BadRequestError for a request to refuse."""
+        try:
+            service = health_pb2.HealthCheckRequest.FromString(request).service
+        except DecodeError:
+            raise _BadRequestError("malformed HealthCheckRequest") from None
+        if len(service) > self._limits.max_service_name_length:
+            raise _BadRequestError(
+                f"service name longer than {self._limits.max_service_name_length} characters"
+            )
+        return service
 
     async def check(self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         # Envoy fails a health check whose response frame is compressed. For unary calls
         # grpc.aio ignores set_compression(), so the message itself is exempted.
         context.disable_next_message_compression()
         try:
-            service = _service_name(request)
-        except DecodeError:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed HealthCheckRequest")
-        status = self._board.get(service)
+            status = self._board.get(self._service_name(request))
+        except _BadRequestError as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         if status is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, "unknown service")
         return _RESPONSES[status]
@@ -57,23 +96,40 @@ class _HealthServicer:
     ) -> AsyncIterator[bytes]:
         context.set_compression(_NO_COMPRESSION)
         try:
-            service = _service_name(request)
-        except DecodeError:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed HealthCheckRequest")
-        async for status in self._board.watch(service):
-            yield _RESPONSES[status]
+            service = self._service_name(request)
+        except _BadRequestError as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        peer = context.peer()
+        if self._watches >= self._limits.max_watch_streams:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many Watch streams")
+        if self._watches_by_peer[peer] >= self._limits.max_watch_streams_per_connection:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, "too many Watch streams on this connection"
+            )
+        self._watches += 1
+        self._watches_by_peer[peer] += 1
+        try:
+            async for status in self._board.watch(service):
+                yield _RESPONSES[status]
+        finally:
+            self._watches -= 1
+            self._watches_by_peer[peer] -= 1
+            if not self._watches_by_peer[peer]:
+                del self._watches_by_peer[peer]
 
     async def list(self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         context.disable_next_message_compression()
+        if self._auth is not None and not self._auth.allows(context.invocation_metadata()):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_DETAILS)
         try:
             health_pb2.HealthListRequest.FromString(request)
         except DecodeError:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed HealthListRequest")
         snapshot = self._board.snapshot()
-        if len(snapshot) > self._list_limit:
+        if len(snapshot) > self._limits.list_limit:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"server health list exceeds maximum capacity: {self._list_limit}",
+                f"server health list exceeds maximum capacity: {self._limits.list_limit}",
             )
         response = health_pb2.HealthListResponse()
         for name, status in snapshot.items():
@@ -82,10 +138,17 @@ class _HealthServicer:
 
 
 def add_health_service(
-    server: grpc.aio.Server, board: StatusBoard, *, list_limit: int = DEFAULT_LIST_LIMIT
+    server: grpc.aio.Server,
+    board: StatusBoard,
+    *,
+    limits: HealthLimits | None = None,
+    auth: BearerToken | None = None,
 ) -> None:
-    """Register ``grpc.health.v1.Health`` on *server*, answering from *board*."""
-    servicer = _HealthServicer(board, list_limit=list_limit)
+    """Register ``grpc.health.v1.Health`` on *server*, answering from *board*.
+
+    With *auth*, List requires the bearer token; Check and Watch never do.
+    """
+    servicer = _HealthServicer(board, limits or HealthLimits(), auth)
     handlers: dict[str, grpc.RpcMethodHandler[bytes, bytes]] = {
         "Check": grpc.unary_unary_rpc_method_handler(servicer.check),
         "Watch": grpc.unary_stream_rpc_method_handler(servicer.watch),

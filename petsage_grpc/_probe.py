@@ -255,6 +255,18 @@ def _channel(flags: _Flags) -> grpc.Channel:
 
     options: list[tuple[str, Any]] = [("grpc.primary_user_agent", flags.user_agent)]
     target = _target(flags.addr)
+    if flags.tls and flags.tls_no_verify:
+        from petsage_grpc._tls_relay import start_unverified_tls_relay  # noqa: PLC0415
+
+        host, _, port = target.rpartition(":")
+        relay = start_unverified_tls_relay(
+            host.strip("[]"),
+            int(port),
+            cert=flags.tls_client_cert or None,
+            key=flags.tls_client_key or None,
+            timeout=flags.connect_timeout,
+        )
+        return grpc.insecure_channel(relay, options=options)
     if not flags.tls:
         return grpc.insecure_channel(target, options=options)
 
@@ -294,12 +306,9 @@ def _check(flags: _Flags) -> int:
     import grpc  # noqa: PLC0415
     from grpc_health.v1 import health_pb2  # noqa: PLC0415
 
-    if flags.tls_no_verify:
-        _log("error: -tls-no-verify is not supported by petsage-grpc probe; use -tls-ca-cert")
-        return EXIT_INVALID_ARGUMENTS
     try:
         channel = _channel(flags)
-    except OSError as error:
+    except (OSError, ValueError) as error:  # ssl.SSLError is an OSError
         _log(f"failed to initialize tls credentials. error={error}")
         return EXIT_INVALID_ARGUMENTS
     with channel:

@@ -9,8 +9,8 @@ added to the default descriptor pool.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Final
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from typing import Any, Final
 
 import grpc
 from google.protobuf import descriptor_pool
@@ -18,6 +18,7 @@ from google.protobuf.descriptor_pb2 import FileDescriptorProto
 from grpc_reflection.v1alpha import reflection_pb2
 from grpc_reflection.v1alpha._async import ReflectionServicer
 
+from petsage_grpc._auth import UNAUTHENTICATED_DETAILS, BearerToken
 from petsage_grpc._registration import register_service
 
 __all__ = ["REFLECTION_SERVICES", "add_reflection_service"]
@@ -55,13 +56,37 @@ def _ensure_v1_descriptor() -> None:
     pool.AddSerializedFile(proto.SerializeToString())
 
 
-def add_reflection_service(server: grpc.aio.Server, service_names: Iterable[str]) -> None:
-    """Serve reflection (v1 and v1alpha) on *server*, listing *service_names* and itself."""
+_Behaviour = Callable[[Any, Any], AsyncIterable[Any]]
+
+
+def _authenticated(behaviour: _Behaviour, auth: BearerToken) -> _Behaviour:
+    async def guarded(
+        requests: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        if not auth.allows(context.invocation_metadata()):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_DETAILS)
+        async for response in behaviour(requests, context):
+            yield response
+
+    return guarded
+
+
+def add_reflection_service(
+    server: grpc.aio.Server, service_names: Iterable[str], *, auth: BearerToken | None = None
+) -> None:
+    """Serve reflection (v1 and v1alpha) on *server*, listing *service_names* and itself.
+
+    With *auth*, every reflection call requires the bearer token (UNAUTHENTICATED
+    otherwise).
+    """
     _ensure_v1_descriptor()
     listed = sorted({*service_names, *REFLECTION_SERVICES})
     servicer = ReflectionServicer(listed)
+    behaviour: _Behaviour = servicer.ServerReflectionInfo
+    if auth is not None:
+        behaviour = _authenticated(behaviour, auth)
     handler = grpc.stream_stream_rpc_method_handler(
-        servicer.ServerReflectionInfo,
+        behaviour,
         request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
         response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
     )

@@ -9,24 +9,48 @@ import logging
 import signal
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Final
 
 import grpc
 
 from petsage_grpc._check import Check
 from petsage_grpc._drain import graceful_stop
 from petsage_grpc._embed import add_to_server
+from petsage_grpc._health import HealthLimits, add_health_service
 from petsage_grpc._metrics import Metrics
 from petsage_grpc._monitor import HealthMonitor
 from petsage_grpc._status import StatusBoard
+from petsage_grpc._tls import TlsError, TlsFiles, server_credentials
 
-__all__ = ["ListenError", "ServeOptions", "format_address", "serve"]
+__all__ = ["SERVER_OPTIONS", "ListenError", "ServeOptions", "format_address", "serve"]
 
 _log = logging.getLogger("petsage_grpc.server")
 
-# grpcio binds with SO_REUSEPORT by default, so a second server on a busy port would
-# "succeed" and share the traffic; a port that is in use must be an error instead.
-_SERVER_OPTIONS = (("grpc.so_reuseport", 0),)
+SERVER_OPTIONS: Final[tuple[tuple[str, int], ...]] = (
+    # grpcio binds with SO_REUSEPORT by default, so a second server on a busy port would
+    # "succeed" and share the traffic; a port that is in use must be an error instead.
+    ("grpc.so_reuseport", 0),
+    # grpc core cancels new calls once 1000 (soft) to 3000 (hard) are waiting for the
+    # application to pick them up: 10 000 watchers reconnecting after a deploy would lose
+    # most of their Watch calls. Health calls are cheap; let the burst queue instead.
+    ("grpc.server.max_pending_requests", 65_536),
+    ("grpc.server.max_pending_requests_hard_limit", 131_072),
+    # Health, reflection and smoke test requests are tiny.
+    ("grpc.max_receive_message_length", 16 * 1024),
+    # Find dead peers that hold Watch streams; refuse clients that ping too often.
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 2),
+    # Idle connections go after 5 minutes; every connection is recycled after 30 (with a
+    # grace of 5), so load balancers rebalance and no peer holds resources forever.
+    ("grpc.max_connection_idle_ms", 5 * 60_000),
+    ("grpc.max_connection_age_ms", 30 * 60_000),
+    ("grpc.max_connection_age_grace_ms", 5 * 60_000),
+)
+"""grpc.aio server options for a health server; pass them when embedding, too."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,6 +67,16 @@ class ServeOptions:
     """After draining, how long calls in flight get to finish."""
     metrics_port: int | None = None
     """Serve Prometheus metrics at ``/metrics`` on this port (same host); None: off."""
+    probe_port: int | None = None
+    """Also serve ``grpc.health.v1.Health`` alone, in plaintext, on this port; None: off."""
+    tls: TlsFiles | None = None
+    """Serve TLS (mTLS with a client CA) on the main port; None: plaintext."""
+    auth_token: str | None = field(default=None, repr=False)
+    """Bearer token for List, SmokeTest's check list and (see below) reflection."""
+    protect_reflection: bool = True
+    """With a token, reflection requires it too."""
+    limits: HealthLimits = field(default_factory=HealthLimits)
+    """Caps on List size, service name length and Watch streams."""
     checks: tuple[Check, ...] = ()
     """Dependency checks that readiness follows."""
     report_checks: bool = True
@@ -96,6 +130,62 @@ def _bind_problem(host: str, port: int) -> str | None:
     return None if bindable else "no usable address"
 
 
+@dataclass
+class _Assembly:
+    """Everything serve() runs, built before anything starts."""
+
+    servers: list[grpc.aio.Server]
+    port: int
+    monitor: HealthMonitor | None
+    metrics: Metrics | None
+
+
+def _check_addresses(options: ServeOptions) -> None:
+    ports = (options.port, options.metrics_port, options.probe_port)
+    for port in (p for p in ports if p is not None):
+        problem = _bind_problem(options.host, port)
+        if problem is not None:
+            raise ListenError(f"cannot listen on {format_address(options.host, port)}: {problem}")
+
+
+async def _assemble(options: ServeOptions, board: StatusBoard) -> _Assembly:
+    try:
+        credentials = None if options.tls is None else server_credentials(options.tls)
+    except TlsError as error:
+        raise ListenError(str(error)) from None
+    monitor = HealthMonitor(board, options.checks) if options.checks else None
+    metrics = Metrics(board, monitor) if options.metrics_port is not None else None
+    server = grpc.aio.server(
+        options=SERVER_OPTIONS, interceptors=[metrics.interceptor] if metrics else None
+    )
+    add_to_server(
+        server,
+        board=board,
+        limits=options.limits,
+        report_checks=options.report_checks,
+        auth_token=options.auth_token,
+        protect_reflection=options.protect_reflection,
+    )
+    servers = [server]
+    address = format_address(options.host, options.port)
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+        if options.probe_port is not None:
+            # Health alone, for kubelet probes that cannot speak TLS.
+            probe_server = grpc.aio.server(options=SERVER_OPTIONS)
+            add_health_service(probe_server, board, limits=options.limits)
+            servers.append(probe_server)
+            probe_server.add_insecure_port(format_address(options.host, options.probe_port))
+    except RuntimeError:
+        # Lost a race for a port since the check above; grpc has logged the details.
+        await asyncio.gather(*(each.stop(None) for each in servers))
+        raise ListenError(f"cannot listen on {address}") from None
+    return _Assembly(servers=servers, port=port, monitor=monitor, metrics=metrics)
+
+
 async def serve(
     options: ServeOptions,
     *,
@@ -107,55 +197,51 @@ async def serve(
     A second signal cuts the drain and grace periods short.
 
     Raises:
-        ListenError: an address cannot be listened on; nothing is left running.
+        ListenError: an address cannot be listened on, or the TLS files are unusable;
+            nothing is left running.
     """
-    address = format_address(options.host, options.port)
-    ports = [options.port] if options.metrics_port is None else [options.port, options.metrics_port]
-    for port in ports:
-        problem = _bind_problem(options.host, port)
-        if problem is not None:
-            raise ListenError(f"cannot listen on {format_address(options.host, port)}: {problem}")
+    _check_addresses(options)
     board = StatusBoard() if board is None else board
-    monitor = HealthMonitor(board, options.checks) if options.checks else None
-    metrics = Metrics(board, monitor) if options.metrics_port is not None else None
-    server = grpc.aio.server(
-        options=_SERVER_OPTIONS, interceptors=[metrics.interceptor] if metrics else None
-    )
-    add_to_server(server, board=board, report_checks=options.report_checks)
-    try:
-        port = server.add_insecure_port(address)
-    except RuntimeError:
-        # Lost a race for the port since the check above; grpc has logged the details.
-        await server.stop(None)
-        raise ListenError(f"cannot listen on {address}") from None
+    parts = await _assemble(options, board)
     async with contextlib.AsyncExitStack() as stack:
-        stack.push_async_callback(server.stop, None)
-        if monitor is not None:
+        for each in parts.servers:
+            stack.push_async_callback(each.stop, None)
+        if parts.monitor is not None:
             # Before the first answer, so that readiness already follows the checks.
-            await monitor.start()
-            stack.push_async_callback(monitor.stop)
-        await server.start()
-        if metrics is not None and options.metrics_port is not None:
-            metrics_address = format_address(options.host, options.metrics_port)
+            await parts.monitor.start()
+            stack.push_async_callback(parts.monitor.stop)
+        for each in parts.servers:
+            await each.start()
+        if parts.metrics is not None and options.metrics_port is not None:
             try:
-                await metrics.start(options.host, options.metrics_port)
+                await parts.metrics.start(options.host, options.metrics_port)
             except OSError as error:
+                address = format_address(options.host, options.metrics_port)
                 raise ListenError(
-                    f"cannot listen on {metrics_address}: {error.strerror or error}"
+                    f"cannot listen on {address}: {error.strerror or error}"
                 ) from None
-            stack.push_async_callback(metrics.stop)
-        bound = format_address(options.host, port)
+            stack.push_async_callback(parts.metrics.stop)
+        bound = format_address(options.host, parts.port)
         _log.info(
-            "serving on %s", bound, extra={"event": "started", "address": bound, "port": port}
+            "serving on %s%s",
+            bound,
+            " with TLS" if options.tls is not None else "",
+            extra={"event": "started", "address": bound, "port": parts.port},
         )
+        if options.probe_port is not None:
+            _log.info(
+                "serving health probes in plaintext on port %d",
+                options.probe_port,
+                extra={"event": "probe_port", "port": options.probe_port},
+            )
         if on_listening is not None:
-            on_listening(port)
-        await _until_signal_then_stop(server, board, options)
+            on_listening(parts.port)
+        await _until_signal_then_stop(parts.servers, board, options)
     _log.info("stopped", extra={"event": "stopped"})
 
 
 async def _until_signal_then_stop(
-    server: grpc.aio.Server, board: StatusBoard, options: ServeOptions
+    servers: list[grpc.aio.Server], board: StatusBoard, options: ServeOptions
 ) -> None:
     loop = asyncio.get_running_loop()
     stop, hurry = asyncio.Event(), asyncio.Event()
@@ -174,7 +260,7 @@ async def _until_signal_then_stop(
     try:
         await stop.wait()
         await graceful_stop(
-            server,
+            servers,
             board,
             drain_seconds=options.drain_seconds,
             grace_seconds=options.grace_seconds,

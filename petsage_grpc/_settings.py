@@ -63,6 +63,13 @@ def _host(value: object) -> str:
     return text[1:-1] if text.startswith("[") and text.endswith("]") else text
 
 
+def _positive(value: object) -> int:
+    text = str(value).strip()
+    if isinstance(value, bool) or not text.isdigit() or int(text) < 1:
+        raise ValueError(f"not a whole number of at least 1: {value!r}")
+    return int(text)
+
+
 def _path(value: object) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError(f"not a file path: {value!r}")
@@ -107,6 +114,39 @@ SERVER_SETTINGS: Final = (
         _port,
         None,
         "serve Prometheus metrics on this port at /metrics (default: off)",
+    ),
+    Setting("tls_cert", _path, None, "serve TLS with this PEM certificate chain (needs --tls-key)"),
+    Setting("tls_key", _path, None, "the PEM private key for --tls-cert"),
+    Setting(
+        "tls_client_ca",
+        _path,
+        None,
+        "require client certificates signed by these PEM CAs (mTLS; needs --tls-cert)",
+    ),
+    Setting(
+        "probe_port",
+        _port,
+        None,
+        "also serve grpc.health.v1.Health alone, in plaintext, on this port (for kubelet "
+        "probes while the main port requires TLS; default: off)",
+    ),
+    Setting(
+        "auth_token_file",
+        _path,
+        None,
+        "file holding a bearer token that List, SmokeTest's check list and reflection require",
+    ),
+    Setting(
+        "max_watch_streams",
+        _positive,
+        50_000,
+        "open Watch streams in all before RESOURCE_EXHAUSTED (default: 50000)",
+    ),
+    Setting(
+        "max_watch_streams_per_connection",
+        _positive,
+        1_000,
+        "open Watch streams on one connection before RESOURCE_EXHAUSTED (default: 1000)",
     ),
 )
 

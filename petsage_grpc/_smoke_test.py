@@ -7,6 +7,7 @@ from typing import Final
 import grpc
 from google.protobuf.message import DecodeError
 
+from petsage_grpc._auth import BearerToken
 from petsage_grpc._check import CHECK_PREFIX
 from petsage_grpc._generated.petsage.v1 import smoke_test_service_pb2
 from petsage_grpc._registration import register_service
@@ -32,9 +33,12 @@ def _answer(checks: dict[str, bool]) -> bytes:
 
 
 class _SmokeTestServicer:
-    def __init__(self, board: StatusBoard, *, report_checks: bool) -> None:
+    def __init__(
+        self, board: StatusBoard, *, report_checks: bool, auth: BearerToken | None
+    ) -> None:
         self._board = board
         self._report_checks = report_checks
+        self._auth = auth
         self._plain = _answer({})
 
     async def smoke_test(
@@ -48,6 +52,8 @@ class _SmokeTestServicer:
             await context.abort(grpc.StatusCode.UNAVAILABLE, _NOT_SERVING_DETAILS)
         if not self._report_checks:
             return self._plain
+        if self._auth is not None and not self._auth.allows(context.invocation_metadata()):
+            return self._plain
         checks = {
             name.removeprefix(CHECK_PREFIX): status is ServingStatus.SERVING
             for name, status in self._board.snapshot().items()
@@ -57,14 +63,19 @@ class _SmokeTestServicer:
 
 
 def add_smoke_test_service(
-    server: grpc.aio.Server, board: StatusBoard, *, report_checks: bool = True
+    server: grpc.aio.Server,
+    board: StatusBoard,
+    *,
+    report_checks: bool = True,
+    auth: BearerToken | None = None,
 ) -> None:
     """Register ``petsage.v1.SmokeTestService`` on *server*, answering from *board*.
 
     With *report_checks*, a serving answer lists each dependency check (``check.<name>``
-    on the board) by name with its state; without, it lists none.
+    on the board) by name with its state; without, it lists none. With *auth*, the list
+    is given only to callers that send the bearer token; others get the plain answer.
     """
-    servicer = _SmokeTestServicer(board, report_checks=report_checks)
+    servicer = _SmokeTestServicer(board, report_checks=report_checks, auth=auth)
     handlers: dict[str, grpc.RpcMethodHandler[bytes, bytes]] = {
         "SmokeTest": grpc.unary_unary_rpc_method_handler(servicer.smoke_test),
     }

@@ -18,7 +18,7 @@ from typing import IO, Any, TypeVar
 import grpc
 import pytest
 
-from petsage_grpc import StatusBoard, add_to_server
+from petsage_grpc import SERVER_OPTIONS, StatusBoard, add_to_server
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -61,7 +61,7 @@ def start_server() -> Iterator[Callable[..., InProcessServer]]:
         thread.start()
 
         async def build() -> InProcessServer:
-            server = grpc.aio.server(options=(("grpc.so_reuseport", 0),))
+            server = grpc.aio.server(options=SERVER_OPTIONS)
             board = add_to_server(server, **kwargs)
             port = server.add_insecure_port("127.0.0.1:0")
             await server.start()

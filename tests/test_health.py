@@ -22,6 +22,7 @@ from petsage_grpc import (
     OVERALL,
     READINESS,
     SMOKE_TEST_SERVICE,
+    HealthLimits,
     ServingStatus,
     StatusBoard,
     add_to_server,
@@ -453,7 +454,7 @@ def test_list_over_the_cap_is_resource_exhausted(
     start_server: Callable[..., InProcessServer],
 ) -> None:
     limit = 5
-    server = start_server(list_limit=limit)
+    server = start_server(limits=HealthLimits(list_limit=limit))
     with open_channel(server.address) as channel:
         health = Health.on(channel)
         extra = [f"petsage.v1.Extra{i}" for i in range(limit - len(server.board))]
@@ -487,13 +488,10 @@ def test_list_default_cap_is_100(start_server: Callable[..., InProcessServer]) -
         assert failure.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-def test_list_limit_must_be_positive() -> None:
-    async def build() -> None:
-        server = grpc.aio.server()
-        with pytest.raises(ValueError, match="list_limit"):
-            add_to_server(server, list_limit=0)
-
-    asyncio.run(asyncio.wait_for(build(), RPC_TIMEOUT))
+def test_limits_must_be_positive() -> None:
+    for name in ("list_limit", "max_service_name_length", "max_watch_streams"):
+        with pytest.raises(ValueError, match=name):
+            HealthLimits(**{name: 0})
 
 
 # -- compression ----------------------------------------------------------------
