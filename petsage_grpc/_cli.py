@@ -1,4 +1,4 @@
-"""Command line: ``petsage-grpc serve`` and ``petsage-grpc probe``.
+"""Command line: ``petsage-grpc serve``, ``probe`` and ``status``.
 
 Kept free of grpc imports at module level: ``probe`` runs as a Kubernetes exec probe
 and must start fast, and ``serve`` should report a bad flag before loading anything.
@@ -120,7 +120,7 @@ def _serve_options(values: Mapping[str, Any], config: Config) -> ServeOptions:
         port=values["port"],
         drain_seconds=values["drain_seconds"],
         grace_seconds=values["grace_seconds"],
-        metrics_port=values["metrics_port"],
+        http_port=values["http_port"],
         probe_port=values["probe_port"],
         tls=None if cert is None else TlsFiles(cert=cert, key=key, client_ca=client_ca),
         auth_token=token,
@@ -131,6 +131,8 @@ def _serve_options(values: Mapping[str, Any], config: Config) -> ServeOptions:
         ),
         checks=config.checks,
         report_checks=config.report_checks,
+        config_path=values["config"],
+        config_poll_seconds=values["config_poll_seconds"],
     )
 
 
@@ -142,14 +144,22 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
         from petsage_grpc._probe import run_probe  # noqa: PLC0415
 
         return run_probe(args[1:])
+    if args and args[0] == "status":
+        from petsage_grpc._status_command import run_status  # noqa: PLC0415
+
+        return run_status(args[1:])
     parser = _Parser(
         prog=PROG,
         description="The PetSage gRPC health service.",
-        epilog=f"Run '{PROG} serve --help' or '{PROG} probe -help' for a command's options.",
+        epilog=f"Run '{PROG} COMMAND --help' (probe: '-help') for a command's options.",
     )
-    parser.add_argument("command", choices=("serve", "probe"), help="serve, or probe a server")
+    parser.add_argument(
+        "command",
+        choices=("serve", "probe", "status"),
+        help="serve; probe a server as grpc_health_probe does; show a server's status",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    if not args or args[0] not in {"serve", "probe"}:
+    if not args or args[0] != "serve":
         parser.parse_args(args)  # prints help, the version, or a one-line error
         return EXIT_USAGE
     return _serve(args[1:], environ)

@@ -1,4 +1,4 @@
-"""Prometheus metrics: served statuses, dependency checks and RPCs, on an optional HTTP port.
+"""Prometheus metrics: served statuses, dependency checks and RPCs.
 
 Statuses and check states are read from the board and the monitor when Prometheus
 scrapes, so they cost nothing between scrapes. RPCs are counted by a server interceptor
@@ -7,12 +7,10 @@ that the standalone server installs only when metrics are on.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
-from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -21,8 +19,6 @@ from petsage_grpc._monitor import HealthMonitor
 from petsage_grpc._status import ServingStatus, StatusBoard
 
 __all__ = ["Metrics"]
-
-_log = logging.getLogger("petsage_grpc.metrics")
 
 
 class _StateCollector(Collector):
@@ -136,37 +132,16 @@ class _RpcCounter(grpc.aio.ServerInterceptor):
 
 
 class Metrics:
-    """A Prometheus registry for one server, and the HTTP endpoint that serves it."""
+    """A Prometheus registry for one server: board and check states, and RPC counts.
+
+    Install :attr:`interceptor` on the gRPC server to count RPCs; serve :meth:`render`.
+    """
 
     def __init__(self, board: StatusBoard, monitor: HealthMonitor | None = None) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(_StateCollector(board, monitor))
         self.interceptor: grpc.aio.ServerInterceptor = _RpcCounter(self.registry)
-        self._runner: web.AppRunner | None = None
 
-    async def _handle(self, request: web.Request) -> web.Response:
-        return web.Response(
-            body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
-        )
-
-    async def start(self, host: str, port: int) -> int:
-        """Serve ``GET /metrics`` on *host*:*port*; return the bound port."""
-        app = web.Application()
-        app.router.add_get("/metrics", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host or None, port, reuse_port=False)
-        await site.start()
-        server = site._server  # aiohttp exposes the bound port only here
-        sockets = getattr(server, "sockets", None) or ()
-        bound = sockets[0].getsockname()[1] if sockets else port
-        _log.info(
-            "metrics on port %d at /metrics", bound, extra={"event": "metrics", "port": bound}
-        )
-        return int(bound)
-
-    async def stop(self) -> None:
-        """Stop serving metrics."""
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+    def render(self) -> tuple[bytes, str]:
+        """The Prometheus text exposition and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -8,7 +8,8 @@ Aggregation:
     - ``readiness``, ``""`` and ``petsage.v1.SmokeTestService`` are SERVING while every
       critical check is;
     - ``startup`` is SERVING once every critical check has finished its first attempt
-      (at most ``initial_delay + timeout`` after start, since every attempt is bounded);
+      (at most ``initial_delay + timeout`` after start, since every attempt is bounded),
+      and stays SERVING, whatever a reload adds;
     - ``liveness`` is never touched: an outage of a dependency must not restart pods.
 """
 
@@ -35,12 +36,45 @@ from petsage_grpc._status import (
     StatusBoard,
 )
 
-__all__ = ["CheckState", "HealthMonitor"]
+__all__ = ["Changes", "CheckState", "HealthMonitor"]
 
 _log = logging.getLogger("petsage_grpc.checks")
 _JITTER: Final = 0.1
 """Each wait is the interval ± 10 %, so that pods started together do not check in step."""
 _AGGREGATES: Final = (READINESS, OVERALL, SMOKE_TEST_SERVICE)
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What :meth:`HealthMonitor.reconfigure` did, by check name."""
+
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    changed: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.removed or self.changed)
+
+    def __str__(self) -> str:
+        parts = [
+            f"{verb} {', '.join(names)}"
+            for verb, names in (
+                ("added", self.added),
+                ("removed", self.removed),
+                ("changed", self.changed),
+            )
+            if names
+        ]
+        return "; ".join(parts) or "no check changed"
+
+
+def _unique(checks: Iterable[Check]) -> list[Check]:
+    checks = list(checks)
+    names = [check.name for check in checks]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"duplicate check names: {', '.join(duplicates)}")
+    return checks
 
 
 @dataclass
@@ -71,14 +105,12 @@ class HealthMonitor:
 
     def __init__(self, board: StatusBoard, checks: Iterable[Check]) -> None:
         self._board = board
-        checks = list(checks)
-        names = [check.name for check in checks]
-        duplicates = sorted({name for name in names if names.count(name) > 1})
-        if duplicates:
-            raise ValueError(f"duplicate check names: {', '.join(duplicates)}")
+        checks = _unique(checks)
         self._states = {check.name: CheckState(check) for check in checks}
         self._probers: dict[str, Prober] = {check.name: make_prober(check) for check in checks}
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._running = False
+        self._started = False
 
     @property
     def states(self) -> Sequence[CheckState]:
@@ -90,20 +122,72 @@ class HealthMonitor:
         for state in self._states.values():
             self._board.set(state.check.service_name, ServingStatus.NOT_SERVING)
         self._update_aggregates()
-        self._tasks = [
-            asyncio.create_task(self._run(state), name=f"check {name}")
-            for name, state in self._states.items()
-        ]
+        self._running = True
+        for name in self._states:
+            self._start_task(name)
+
+    def _start_task(self, name: str) -> None:
+        self._tasks[name] = asyncio.create_task(self._run(self._states[name]), name=f"check {name}")
+
+    async def _stop_check(self, name: str) -> None:
+        task = self._tasks.pop(name, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        prober = self._probers.pop(name, None)
+        if prober is not None:
+            with contextlib.suppress(Exception):
+                await prober.aclose()
 
     async def stop(self) -> None:
         """Stop checking and close every dependency connection."""
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks = []
-        for prober in self._probers.values():
-            with contextlib.suppress(Exception):
-                await prober.aclose()
+        self._running = False
+        for name in list(self._states):
+            await self._stop_check(name)
+
+    async def reconfigure(self, checks: Iterable[Check]) -> Changes:
+        """Replace the checks, keeping what did not change.
+
+        An unchanged check keeps running undisturbed. A changed one restarts with its new
+        settings but keeps its reported status until its next result. A removed one stops,
+        and its name is cleared from the board (watchers see SERVICE_UNKNOWN). An added
+        one starts NOT_SERVING. The aggregates follow the new set of critical checks.
+
+        Raises:
+            ValueError: duplicate names, or a ``python`` target cannot be imported; then
+                nothing has changed.
+        """
+        wanted = {check.name: check for check in _unique(checks)}
+        changes = Changes(
+            added=tuple(n for n in wanted if n not in self._states),
+            removed=tuple(n for n in self._states if n not in wanted),
+            changed=tuple(
+                n for n, c in wanted.items() if n in self._states and self._states[n].check != c
+            ),
+        )
+        # Build every new prober first, so that a failure leaves everything as it was.
+        probers = {name: make_prober(wanted[name]) for name in (*changes.added, *changes.changed)}
+        for name in (*changes.removed, *changes.changed):
+            await self._stop_check(name)
+        for name in changes.removed:
+            self._board.clear(self._states.pop(name).check.service_name)
+        for name in changes.changed:
+            state = self._states[name]
+            self._states[name] = CheckState(
+                wanted[name],
+                serving=state.serving,
+                completed_first_attempt=state.completed_first_attempt,
+            )
+        for name in changes.added:
+            self._states[name] = CheckState(wanted[name])
+            self._board.set(wanted[name].service_name, ServingStatus.NOT_SERVING)
+        self._states = {name: self._states[name] for name in wanted}  # configuration order
+        self._probers.update(probers)
+        self._update_aggregates()
+        if self._running:
+            for name in (*changes.added, *changes.changed):
+                self._start_task(name)
+        return changes
 
     async def __aenter__(self) -> HealthMonitor:
         await self.start()
@@ -181,5 +265,9 @@ class HealthMonitor:
         ready = all(state.serving for state in critical)
         for name in _AGGREGATES:
             self._board.set(name, ServingStatus.SERVING if ready else ServingStatus.NOT_SERVING)
-        started = all(state.completed_first_attempt for state in critical)
-        self._board.set(STARTUP, ServingStatus.SERVING if started else ServingStatus.NOT_SERVING)
+        # Once started, always started: a check added by a reload must not send the pod
+        # back through its startup probe.
+        self._started = self._started or all(s.completed_first_attempt for s in critical)
+        self._board.set(
+            STARTUP, ServingStatus.SERVING if self._started else ServingStatus.NOT_SERVING
+        )

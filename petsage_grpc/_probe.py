@@ -19,8 +19,9 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
+from petsage_grpc._client import Connection
 from petsage_grpc._durations import format_go_duration, parse_go_duration
 
 if TYPE_CHECKING:
@@ -214,11 +215,6 @@ def _validate(flags: _Flags) -> None:
             )
 
 
-def _target(addr: str) -> str:
-    # Go dials ":50051" on the local machine; grpc core needs a host.
-    return f"localhost{addr}" if addr.startswith(":") else addr
-
-
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -249,41 +245,18 @@ def run_probe(argv: Sequence[str]) -> int:
     return _check(flags)
 
 
-def _channel(flags: _Flags) -> grpc.Channel:
-    """Open the channel; raises OSError for unreadable TLS files."""
-    import grpc  # noqa: PLC0415 - only once the arguments are known to be good
-
-    options: list[tuple[str, Any]] = [("grpc.primary_user_agent", flags.user_agent)]
-    target = _target(flags.addr)
-    if flags.tls and flags.tls_no_verify:
-        from petsage_grpc._tls_relay import start_unverified_tls_relay  # noqa: PLC0415
-
-        host, _, port = target.rpartition(":")
-        relay = start_unverified_tls_relay(
-            host.strip("[]"),
-            int(port),
-            cert=flags.tls_client_cert or None,
-            key=flags.tls_client_key or None,
-            timeout=flags.connect_timeout,
-        )
-        return grpc.insecure_channel(relay, options=options)
-    if not flags.tls:
-        return grpc.insecure_channel(target, options=options)
-
-    def read(path: str) -> bytes | None:
-        if not path:
-            return None
-        with open(path, "rb") as file:
-            return file.read()
-
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=read(flags.tls_ca_cert),
-        private_key=read(flags.tls_client_key),
-        certificate_chain=read(flags.tls_client_cert),
+def _connection(flags: _Flags) -> Connection:
+    return Connection(
+        addr=flags.addr,
+        user_agent=flags.user_agent,
+        connect_timeout=flags.connect_timeout,
+        tls=flags.tls,
+        tls_no_verify=flags.tls_no_verify,
+        tls_ca_cert=flags.tls_ca_cert,
+        tls_client_cert=flags.tls_client_cert,
+        tls_client_key=flags.tls_client_key,
+        tls_server_name=flags.tls_server_name,
     )
-    if flags.tls_server_name:
-        options.append(("grpc.ssl_target_name_override", flags.tls_server_name))
-    return grpc.secure_channel(target, credentials, options=options)
 
 
 def _rpc_failure(error: grpc.RpcError, flags: _Flags) -> str:
@@ -307,7 +280,7 @@ def _check(flags: _Flags) -> int:
     from grpc_health.v1 import health_pb2  # noqa: PLC0415
 
     try:
-        channel = _channel(flags)
+        channel = _connection(flags).channel()
     except (OSError, ValueError) as error:  # ssl.SSLError is an OSError
         _log(f"failed to initialize tls credentials. error={error}")
         return EXIT_INVALID_ARGUMENTS

@@ -14,12 +14,15 @@ from typing import Final
 
 import grpc
 
+from petsage_grpc._auth import BearerToken
 from petsage_grpc._check import Check
 from petsage_grpc._drain import graceful_stop
 from petsage_grpc._embed import add_to_server
 from petsage_grpc._health import HealthLimits, add_health_service
+from petsage_grpc._http import HttpFace
 from petsage_grpc._metrics import Metrics
 from petsage_grpc._monitor import HealthMonitor
+from petsage_grpc._reload import ConfigReloader
 from petsage_grpc._status import StatusBoard
 from petsage_grpc._tls import TlsError, TlsFiles, server_credentials
 
@@ -65,8 +68,8 @@ class ServeOptions:
     """After SIGTERM, how long to keep answering with readiness NOT_SERVING."""
     grace_seconds: float = 5.0
     """After draining, how long calls in flight get to finish."""
-    metrics_port: int | None = None
-    """Serve Prometheus metrics at ``/metrics`` on this port (same host); None: off."""
+    http_port: int | None = None
+    """Serve the HTTP endpoints and Prometheus ``/metrics`` on this port; None: off."""
     probe_port: int | None = None
     """Also serve ``grpc.health.v1.Health`` alone, in plaintext, on this port; None: off."""
     tls: TlsFiles | None = None
@@ -81,6 +84,10 @@ class ServeOptions:
     """Dependency checks that readiness follows."""
     report_checks: bool = True
     """SmokeTest lists each check's name and state."""
+    config_path: str | None = None
+    """The configuration file that SIGHUP re-reads (its checks change without a restart)."""
+    config_poll_seconds: float = 0.0
+    """Also re-read the configuration file when it changes, looking this often; 0: off."""
 
 
 class ListenError(Exception):
@@ -136,12 +143,12 @@ class _Assembly:
 
     servers: list[grpc.aio.Server]
     port: int
-    monitor: HealthMonitor | None
-    metrics: Metrics | None
+    monitor: HealthMonitor
+    http: HttpFace | None
 
 
 def _check_addresses(options: ServeOptions) -> None:
-    ports = (options.port, options.metrics_port, options.probe_port)
+    ports = (options.port, options.http_port, options.probe_port)
     for port in (p for p in ports if p is not None):
         problem = _bind_problem(options.host, port)
         if problem is not None:
@@ -153,8 +160,17 @@ async def _assemble(options: ServeOptions, board: StatusBoard) -> _Assembly:
         credentials = None if options.tls is None else server_credentials(options.tls)
     except TlsError as error:
         raise ListenError(str(error)) from None
-    monitor = HealthMonitor(board, options.checks) if options.checks else None
-    metrics = Metrics(board, monitor) if options.metrics_port is not None else None
+    monitor = HealthMonitor(board, options.checks)
+    metrics = Metrics(board, monitor) if options.http_port is not None else None
+    http = (
+        None
+        if options.http_port is None
+        else HttpFace(
+            board,
+            metrics=metrics,
+            auth=None if options.auth_token is None else BearerToken(options.auth_token),
+        )
+    )
     server = grpc.aio.server(
         options=SERVER_OPTIONS, interceptors=[metrics.interceptor] if metrics else None
     )
@@ -183,7 +199,7 @@ async def _assemble(options: ServeOptions, board: StatusBoard) -> _Assembly:
         # Lost a race for a port since the check above; grpc has logged the details.
         await asyncio.gather(*(each.stop(None) for each in servers))
         raise ListenError(f"cannot listen on {address}") from None
-    return _Assembly(servers=servers, port=port, monitor=monitor, metrics=metrics)
+    return _Assembly(servers=servers, port=port, monitor=monitor, http=http)
 
 
 async def serve(
@@ -206,21 +222,20 @@ async def serve(
     async with contextlib.AsyncExitStack() as stack:
         for each in parts.servers:
             stack.push_async_callback(each.stop, None)
-        if parts.monitor is not None:
-            # Before the first answer, so that readiness already follows the checks.
-            await parts.monitor.start()
-            stack.push_async_callback(parts.monitor.stop)
+        # Before the first answer, so that readiness already follows the checks.
+        await parts.monitor.start()
+        stack.push_async_callback(parts.monitor.stop)
         for each in parts.servers:
             await each.start()
-        if parts.metrics is not None and options.metrics_port is not None:
+        if parts.http is not None and options.http_port is not None:
             try:
-                await parts.metrics.start(options.host, options.metrics_port)
+                await parts.http.start(options.host, options.http_port)
             except OSError as error:
-                address = format_address(options.host, options.metrics_port)
+                address = format_address(options.host, options.http_port)
                 raise ListenError(
                     f"cannot listen on {address}: {error.strerror or error}"
                 ) from None
-            stack.push_async_callback(parts.metrics.stop)
+            stack.push_async_callback(parts.http.stop)
         bound = format_address(options.host, parts.port)
         _log.info(
             "serving on %s%s",
@@ -236,15 +251,34 @@ async def serve(
             )
         if on_listening is not None:
             on_listening(parts.port)
-        await _until_signal_then_stop(parts.servers, board, options)
+        reloader = None
+        if options.config_path is not None:
+            reloader = ConfigReloader(options.config_path, parts.monitor)
+            if options.config_poll_seconds > 0:
+                polling = asyncio.create_task(reloader.poll(options.config_poll_seconds))
+                stack.callback(polling.cancel)
+        await _until_signal_then_stop(parts.servers, board, options, reloader)
     _log.info("stopped", extra={"event": "stopped"})
 
 
 async def _until_signal_then_stop(
-    servers: list[grpc.aio.Server], board: StatusBoard, options: ServeOptions
+    servers: list[grpc.aio.Server],
+    board: StatusBoard,
+    options: ServeOptions,
+    reloader: ConfigReloader | None,
 ) -> None:
     loop = asyncio.get_running_loop()
     stop, hurry = asyncio.Event(), asyncio.Event()
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def on_hangup() -> None:
+        if reloader is None:
+            _log.warning("SIGHUP received, but there is no configuration file to reload")
+            return
+        _log.info("SIGHUP received: reloading the configuration", extra={"event": "signal"})
+        task = asyncio.create_task(reloader.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
 
     def on_signal(signum: int) -> None:
         name = signal.Signals(signum).name
@@ -257,6 +291,7 @@ async def _until_signal_then_stop(
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     try:
         await stop.wait()
         await graceful_stop(
@@ -267,6 +302,6 @@ async def _until_signal_then_stop(
             hurry=hurry,
         )
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             with contextlib.suppress(ValueError, RuntimeError):
                 loop.remove_signal_handler(signum)

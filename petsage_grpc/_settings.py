@@ -110,10 +110,11 @@ SERVER_SETTINGS: Final = (
     ),
     Setting("grace_seconds", _seconds, 5.0, "then give calls in flight this long (default: 5)"),
     Setting(
-        "metrics_port",
+        "http_port",
         _port,
         None,
-        "serve Prometheus metrics on this port at /metrics (default: off)",
+        "serve HTTP on this port: /api/v1/health/smoke-test, /livez, /readyz, /startupz and "
+        "Prometheus /metrics (default: off)",
     ),
     Setting("tls_cert", _path, None, "serve TLS with this PEM certificate chain (needs --tls-key)"),
     Setting("tls_key", _path, None, "the PEM private key for --tls-cert"),
@@ -135,6 +136,13 @@ SERVER_SETTINGS: Final = (
         _path,
         None,
         "file holding a bearer token that List, SmokeTest's check list and reflection require",
+    ),
+    Setting(
+        "config_poll_seconds",
+        _seconds,
+        0.0,
+        "also reload the configuration file when it changes, looking this often (default: 0, "
+        "only on SIGHUP)",
     ),
     Setting(
         "max_watch_streams",

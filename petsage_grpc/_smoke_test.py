@@ -13,11 +13,11 @@ from petsage_grpc._generated.petsage.v1 import smoke_test_service_pb2
 from petsage_grpc._registration import register_service
 from petsage_grpc._status import SMOKE_TEST_SERVICE, ServingStatus, StatusBoard
 
-__all__ = ["SMOKE_TEST_MESSAGE", "add_smoke_test_service"]
+__all__ = ["NOT_SERVING_DETAILS", "SMOKE_TEST_MESSAGE", "add_smoke_test_service"]
 
 SMOKE_TEST_MESSAGE: Final = "PetSage system is alive and purring."
 # Public: the refusal is fixed text that names no host, dependency or error.
-_NOT_SERVING_DETAILS: Final = "PetSage is not serving right now"
+NOT_SERVING_DETAILS: Final = "PetSage is not serving right now"
 
 _SERVICE_NAME: Final = smoke_test_service_pb2.DESCRIPTOR.services_by_name[
     "SmokeTestService"
@@ -49,7 +49,7 @@ class _SmokeTestServicer:
         except DecodeError:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed SmokeTestRequest")
         if self._board.get(SMOKE_TEST_SERVICE) is not ServingStatus.SERVING:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, _NOT_SERVING_DETAILS)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, NOT_SERVING_DETAILS)
         if not self._report_checks:
             return self._plain
         if self._auth is not None and not self._auth.allows(context.invocation_metadata()):

@@ -1,0 +1,93 @@
+"""How the command-line clients (probe, status) reach a server: address, TLS, user agent."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import grpc
+
+__all__ = ["Connection"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Connection:
+    """Where and how to connect, as grpc_health_probe's flags describe it."""
+
+    addr: str
+    user_agent: str
+    connect_timeout: float
+    tls: bool = False
+    tls_no_verify: bool = False
+    tls_ca_cert: str = ""
+    tls_client_cert: str = ""
+    tls_client_key: str = ""
+    tls_server_name: str = ""
+
+    @property
+    def target(self) -> str:
+        # Go dials ":50051" on the local machine; grpc core needs a host.
+        return f"localhost{self.addr}" if self.addr.startswith(":") else self.addr
+
+    def channel_arguments(
+        self,
+    ) -> tuple[str, grpc.ChannelCredentials | None, list[tuple[str, Any]]]:
+        """The target, credentials (None: plaintext) and options for a grpc channel.
+
+        With ``tls_no_verify`` the target is a loopback relay that makes the TLS
+        connection without verifying the server (grpcio cannot skip verification).
+
+        Raises:
+            OSError: a TLS file cannot be read (ssl.SSLError: they do not fit together).
+        """
+        import grpc  # noqa: PLC0415 - only once the arguments are known to be good
+
+        options: list[tuple[str, Any]] = [("grpc.primary_user_agent", self.user_agent)]
+        if not self.tls:
+            return self.target, None, options
+        if self.tls_no_verify:
+            from petsage_grpc._tls_relay import start_unverified_tls_relay  # noqa: PLC0415
+
+            host, _, port = self.target.rpartition(":")
+            relay = start_unverified_tls_relay(
+                host.strip("[]"),
+                int(port),
+                cert=self.tls_client_cert or None,
+                key=self.tls_client_key or None,
+                timeout=self.connect_timeout,
+            )
+            return relay, None, options
+        if self.tls_server_name:
+            options.append(("grpc.ssl_target_name_override", self.tls_server_name))
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=_read(self.tls_ca_cert),
+            private_key=_read(self.tls_client_key),
+            certificate_chain=_read(self.tls_client_cert),
+        )
+        return self.target, credentials, options
+
+    def channel(self) -> grpc.Channel:
+        """A blocking channel (see :meth:`channel_arguments` for errors)."""
+        import grpc  # noqa: PLC0415
+
+        target, credentials, options = self.channel_arguments()
+        if credentials is None:
+            return grpc.insecure_channel(target, options=options)
+        return grpc.secure_channel(target, credentials, options=options)
+
+    def aio_channel(self) -> grpc.aio.Channel:
+        """An asyncio channel (see :meth:`channel_arguments` for errors)."""
+        import grpc  # noqa: PLC0415
+
+        target, credentials, options = self.channel_arguments()
+        if credentials is None:
+            return grpc.aio.insecure_channel(target, options=options)
+        return grpc.aio.secure_channel(target, credentials, options=options)
+
+
+def _read(path: str) -> bytes | None:
+    if not path:
+        return None
+    with open(path, "rb") as file:
+        return file.read()
