@@ -44,6 +44,9 @@ def _argparse_type(convert: Callable[[object], Any]) -> Callable[[str], Any]:
 
 
 def _serve(argv: Sequence[str], environ: Mapping[str, str]) -> int:
+    # grpc core logs every failed TLS handshake (a port scan, a plaintext probe) at INFO;
+    # keep its errors only, unless the operator asks for more. Read when grpc is imported.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     from petsage_grpc._settings import ENV_PREFIX, SERVER_SETTINGS, SettingError, resolve_settings  # noqa: PLC0415
 
     parser = _Parser(

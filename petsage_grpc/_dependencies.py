@@ -13,6 +13,7 @@ import contextlib
 import importlib
 import inspect
 import os
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -73,16 +74,17 @@ class _Postgres:
 class _Redis:
     def __init__(self, check: Check) -> None:
         import redis.asyncio  # noqa: PLC0415
+        from redis.asyncio.retry import Retry  # noqa: PLC0415
         from redis.backoff import NoBackoff  # noqa: PLC0415
-        from redis.retry import Retry  # noqa: PLC0415
 
-        # No retries: one attempt is one PING; the thresholds decide what failures mean.
+        # One retry, on a fresh connection: a kept connection that Redis (or a proxy)
+        # closed while idle must not count as an outage. The thresholds judge the rest.
         self._client = redis.asyncio.Redis.from_url(
             str(check.target),
             password=_password(check),
             socket_connect_timeout=check.timeout,
             socket_timeout=check.timeout,
-            retry=Retry(NoBackoff(), 0),
+            retry=Retry(NoBackoff(), 1),
             single_connection_client=True,
         )
 
@@ -131,11 +133,15 @@ class _Http:
                 headers={"User-Agent": "petsage-grpc-check"},
                 connector=aiohttp.TCPConnector(limit=1),
             )
-        async with self._session.get(self._url, allow_redirects=False) as response:
-            status = response.status
-            ok = status in self._expected if self._expected else 200 <= status < 300
-            if not ok:
-                raise CheckFailedError(f"HTTP status {status}")
+        try:
+            async with self._session.get(self._url, allow_redirects=False) as response:
+                status = response.status
+        except BaseException:
+            await self.aclose()
+            raise
+        ok = status in self._expected if self._expected else 200 <= status < 300
+        if not ok:
+            raise CheckFailedError(f"HTTP status {status}")
 
     async def aclose(self) -> None:
         session, self._session = self._session, None
@@ -160,7 +166,16 @@ class _Grpc:
             request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
             response_deserializer=health_pb2.HealthCheckResponse.FromString,
         )
-        response = await check(health_pb2.HealthCheckRequest(service=self._service))
+        try:
+            response = await check(health_pb2.HealthCheckRequest(service=self._service))
+        except grpc.aio.AioRpcError as error:
+            # Its str() is grpc's multi-line debug text; and a fresh channel next time
+            # skips grpc's reconnect backoff, so recovery is seen on the next attempt.
+            await self.aclose()
+            raise CheckFailedError(f"{error.code().name}: {error.details()}") from None
+        except BaseException:
+            await self.aclose()
+            raise
         if response.status != health_pb2.HealthCheckResponse.SERVING:
             name = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
             raise CheckFailedError(f"upstream answered {name}")
@@ -192,6 +207,40 @@ def resolve_callable(target: str) -> Callable[[], object]:
     return value
 
 
+def _in_daemon_thread(function: Callable[[], object]) -> asyncio.Future[object]:
+    """Run *function* on a daemon thread of its own.
+
+    Not the loop's default executor: ``asyncio.run`` joins that executor's threads when
+    it ends, so one hung check would keep the process from exiting after SIGTERM.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[object] = loop.create_future()
+
+    def settle(result: object, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+
+    def run() -> None:
+        error: BaseException | None = None
+        result: object = None
+        try:
+            result = function()
+        except (SystemExit, KeyboardInterrupt) as caught:
+            # Only a failed check here: raised on the event loop, they would stop the server.
+            error = CheckFailedError(f"raised {type(caught).__name__}")
+        except BaseException as caught:  # noqa: BLE001 - handed to the awaiting check
+            error = caught
+        with contextlib.suppress(RuntimeError):  # the loop closed while the call ran
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name="petsage-check", daemon=True).start()
+    return future
+
+
 class _Python:
     def __init__(self, check: Check) -> None:
         target = check.target
@@ -205,7 +254,7 @@ class _Python:
             if self._thread is not None and not self._thread.done():
                 # A synchronous call cannot be cancelled: never pile up threads behind it.
                 raise CheckFailedError("the previous call has not returned yet")
-            self._thread = asyncio.ensure_future(asyncio.to_thread(self._function))
+            self._thread = _in_daemon_thread(self._function)
             result = await asyncio.shield(self._thread)
         if inspect.isawaitable(result):
             result = await result

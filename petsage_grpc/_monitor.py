@@ -42,6 +42,7 @@ _log = logging.getLogger("petsage_grpc.checks")
 _JITTER: Final = 0.1
 """Each wait is the interval ± 10 %, so that pods started together do not check in step."""
 _AGGREGATES: Final = (READINESS, OVERALL, SMOKE_TEST_SERVICE)
+_MAX_ERROR_TEXT: Final = 300
 
 
 @dataclass(frozen=True)
@@ -222,9 +223,14 @@ class HealthMonitor:
         except TimeoutError:
             return f"no answer within {limit:g}s"
         except asyncio.CancelledError:
-            raise
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the monitor is stopping this check
+            return "CancelledError raised by the check"
         except BaseException as error:  # noqa: BLE001 - any failure of a check is a failed check
-            return f"{type(error).__name__}: {error}".rstrip(": ")
+            # One line, bounded: some clients put multi-line debug text in their errors.
+            text = " ".join(f"{type(error).__name__}: {error}".split()).rstrip(":")
+            return text if len(text) <= _MAX_ERROR_TEXT else text[: _MAX_ERROR_TEXT - 1] + "…"
         return None
 
     def _record(self, state: CheckState, error: str | None) -> None:
