@@ -1,23 +1,54 @@
-"""deploy/kubernetes.yaml: the server started as the manifest starts it answers every probe."""
+"""deploy/kubernetes.yaml: the server started as the manifest starts it answers every probe.
+
+The manifest's ConfigMap, environment and probes are used as written; only what cannot
+exist here changes: the dependencies' addresses point at real local PostgreSQL and Redis
+servers, and the ports are free loopback ports instead of 50051 and 8080.
+"""
 
 from __future__ import annotations
 
+import time
+import tomllib
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
+import tomli_w
 import yaml
 from conftest import ROOT, ServerProcess
+from dependency_servers import (  # noqa: F401 - the fixtures are used by name
+    AUTH_ROLE,
+    PostgresCluster,
+    PostgresServer,
+    RedisServer,
+    free_port,
+    postgres_cluster_fixture,
+    postgres_server_fixture,
+    redis_server_fixture,
+    start_redis_fixture,
+)
 from grpc_health.v1 import health_pb2
 
 PROBES = ("startupProbe", "livenessProbe", "readinessProbe")
+MANIFEST = ROOT / "deploy" / "kubernetes.yaml"
+
+
+def _documents() -> list[dict[str, Any]]:
+    with MANIFEST.open() as file:
+        return [d for d in yaml.safe_load_all(file) if d]
+
+
+def _one(kind: str) -> dict[str, Any]:
+    (document,) = (d for d in _documents() if d["kind"] == kind)
+    return document
 
 
 def _containers() -> Iterator[dict[str, Any]]:
-    with (ROOT / "deploy" / "kubernetes.yaml").open() as file:
-        for document in yaml.safe_load_all(file):
-            if document and document["kind"] == "Deployment":
-                yield from document["spec"]["template"]["spec"]["containers"]
+    yield from _one("Deployment")["spec"]["template"]["spec"]["containers"]
 
 
 def _kubelet_check(address: str, service: str) -> int:
@@ -36,40 +67,74 @@ def _kubelet_check(address: str, service: str) -> int:
 
 
 def test_manifest_probes_use_the_served_port_and_registered_names() -> None:
-    containers = list(_containers())
-    assert containers, "no Deployment container in deploy/kubernetes.yaml"
-    for container in containers:
-        ports = {port["containerPort"] for port in container["ports"]}
-        for kind in PROBES:
-            probe = container[kind]["grpc"]
-            assert probe["port"] in ports, kind
-            assert probe["port"] == 50051, "the server's default port"
+    (container,) = _containers()
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    for kind in PROBES:
+        probe = container[kind]["grpc"]
+        assert probe["port"] == ports["grpc"] == 50051, "the server's default port"
+        assert probe["service"] in {"startup", "liveness", "readiness"}
+    config = tomllib.loads(_one("ConfigMap")["data"]["petsage.toml"])
+    assert config["server"]["http_port"] == ports["http"]
+    mount = container["volumeMounts"][0]["mountPath"]
+    env = {item["name"]: item for item in container["env"]}
+    assert env["PETSAGE_GRPC_CONFIG"]["value"] == f"{mount}/petsage.toml"
+
+
+def test_termination_grace_period_covers_drain_and_grace() -> None:
+    pod = _one("Deployment")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    budget = float(env["PETSAGE_GRPC_DRAIN_SECONDS"]) + float(env["PETSAGE_GRPC_GRACE_SECONDS"])
+    assert pod["terminationGracePeriodSeconds"] > budget
 
 
 def test_server_started_as_in_the_manifest_answers_every_probe(
     spawn_server: Callable[..., ServerProcess],
+    postgres_cluster: PostgresCluster,
+    postgres_server: PostgresServer,
+    redis_server: RedisServer,
+    tmp_path: Path,
 ) -> None:
     (container,) = _containers()
     assert container["args"][0] == "serve"
-    env = {item["name"]: item["value"] for item in container.get("env", [])}
-    # The manifest's flags and environment, on a free loopback port instead of 50051
-    # (flags given by spawn_server win over PETSAGE_GRPC_PORT, as documented).
-    running = spawn_server(*container["args"][1:], env=env)
+    config = tomllib.loads(_one("ConfigMap")["data"]["petsage.toml"])
+    local = {"postgres": postgres_server.url(AUTH_ROLE), "redis": redis_server.url()}
+    for check in config["checks"]:
+        check["target"] = local[check["kind"]]
+    config_file = tmp_path / "petsage.toml"
+    config_file.write_text(tomli_w.dumps(config))
+    env = {item["name"]: item["value"] for item in container["env"] if "value" in item}
+    env["PETSAGE_GRPC_CONFIG"] = str(config_file)
+    # The Secret's value: the password of the PostgreSQL role that requires one.
+    (secret,) = (item["name"] for item in container["env"] if "valueFrom" in item)
+    env[secret] = postgres_cluster.password
+    http_port = free_port()
+    running = spawn_server(*container["args"][1:], "--http-port", str(http_port), env=env)
+
+    deadline = time.monotonic() + 20
+    while _kubelet_check(running.address, "readiness") != health_pb2.HealthCheckResponse.SERVING:
+        assert time.monotonic() < deadline, running.log()
+        time.sleep(0.1)
     for kind in PROBES:
-        service = container[kind]["grpc"].get("service", "")
+        service = container[kind]["grpc"]["service"]
         status = _kubelet_check(running.address, service)
         assert status == health_pb2.HealthCheckResponse.SERVING, (kind, service)
+    # The httpGet alternative named in the manifest's comment answers the same.
+    for path in ("/livez", "/readyz", "/startupz"):
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}{path}", timeout=5) as answer:
+            assert answer.status == 200, path
+
+    # Readiness follows the manifest's checks; liveness does not.
+    redis_server.stop()
+    deadline = time.monotonic() + 20
+    while _kubelet_check(running.address, "readiness") == health_pb2.HealthCheckResponse.SERVING:
+        assert time.monotonic() < deadline, running.log()
+        time.sleep(0.1)
+    assert _kubelet_check(running.address, "liveness") == health_pb2.HealthCheckResponse.SERVING
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"http://127.0.0.1:{http_port}/readyz", timeout=5)
+    assert refused.value.code == 503
+
     running.signal()
     assert running.wait(timeout=float(env["PETSAGE_GRPC_DRAIN_SECONDS"]) + 10) == 0
-
-
-def test_termination_grace_period_covers_drain_and_grace() -> None:
-    with (ROOT / "deploy" / "kubernetes.yaml").open() as file:
-        (deployment,) = (d for d in yaml.safe_load_all(file) if d and d["kind"] == "Deployment")
-    pod = deployment["spec"]["template"]["spec"]
-    (container,) = pod["containers"]
-    env = {
-        item["name"]: float(item["value"]) for item in container["env"] if "SECONDS" in item["name"]
-    }
-    budget = env["PETSAGE_GRPC_DRAIN_SECONDS"] + env["PETSAGE_GRPC_GRACE_SECONDS"]
-    assert pod["terminationGracePeriodSeconds"] > budget
+    assert postgres_cluster.password not in running.log()
