@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -47,6 +48,8 @@ def _serve(argv: Sequence[str], environ: Mapping[str, str]) -> int:
     # grpc core logs every failed TLS handshake (a port scan, a plaintext probe) at INFO;
     # keep its errors only, unless the operator asks for more. Read when grpc is imported.
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    # Until the server installs its handler, a SIGHUP (reload) must not end the process.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from petsage_grpc._settings import ENV_PREFIX, SERVER_SETTINGS, SettingError, resolve_settings  # noqa: PLC0415
 
     parser = _Parser(

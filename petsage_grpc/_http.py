@@ -9,6 +9,9 @@ the same status board as the gRPC services, so HTTP and gRPC never disagree.
   ``readiness``, ``startup``; ``?verbose`` adds one line per dependency check (names
   only, and only for callers with the bearer token when one is configured).
 - ``GET /metrics``: Prometheus text, when metrics are on.
+
+Built on aiohttp's low-level server so that even its answers to malformed requests
+carry no version and echo nothing back.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 from typing import Final
 
 from aiohttp import web
@@ -39,19 +43,42 @@ _log = logging.getLogger("petsage_grpc.http")
 
 SMOKE_TEST_PATH: Final = "/api/v1/health/smoke-test"
 _PROBES: Final = {"/livez": LIVENESS, "/readyz": READINESS, "/startupz": STARTUP}
-# Probe and smoke test requests carry no body; anything large is not one of them.
-_MAX_REQUEST_BYTES: Final = 1024
+# Probe and smoke test requests carry no body and short headers; refuse anything else.
+_MAX_BODY_BYTES: Final = 1024
+_MAX_HEADER_BYTES: Final = 1024
 _JSON: Final = "application/json"
 _SMOKE_OK: Final = json.dumps({"status": "ok", "message": SMOKE_TEST_MESSAGE}).encode()
 _SMOKE_UNAVAILABLE: Final = json.dumps(
     {"status": "unavailable", "message": NOT_SERVING_DETAILS}
 ).encode()
-_NO_CACHE: Final = {"Cache-Control": "no-store"}
+# aiohttp's default Server header names Python's and aiohttp's versions.
+_HEADERS: Final = {"Server": "PetSage", "Cache-Control": "no-store"}
+_Handler = Callable[[web.BaseRequest], Awaitable[web.Response]]
 
 
-async def _hide_versions(request: web.Request, response: web.StreamResponse) -> None:
-    # aiohttp's default Server header names Python's and aiohttp's versions.
-    response.headers["Server"] = "PetSage"
+def _plain(status: int, text: str, **headers: str) -> web.Response:
+    return web.Response(status=status, text=text, headers={**_HEADERS, **headers})
+
+
+class _QuietRequestHandler(web.RequestHandler):
+    """aiohttp's connection handler, but its error answers name no version and echo nothing."""
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        super().handle_error(request, status, exc, message)  # logs, and closes the connection
+        response = _plain(status, f"{status} {HTTPStatus(status).phrase}\n")
+        response.force_close()
+        return response
+
+
+class _QuietServer(web.Server):
+    def __call__(self) -> web.RequestHandler:
+        return _QuietRequestHandler(self, loop=self._loop, **self._kwargs)
 
 
 class HttpFace:
@@ -67,29 +94,39 @@ class HttpFace:
         self._board = board
         self._metrics = metrics
         self._auth = auth
-        self._runner: web.AppRunner | None = None
-
-    def _application(self) -> web.Application:
-        app = web.Application(client_max_size=_MAX_REQUEST_BYTES)
-        app.on_response_prepare.append(_hide_versions)
-        app.router.add_get(SMOKE_TEST_PATH, self._smoke_test)
+        self._routes: dict[str, _Handler] = {SMOKE_TEST_PATH: self._smoke_test}
         for path, service in _PROBES.items():
-            app.router.add_get(path, self._probe(service))  # GET also answers HEAD
-        if self._metrics is not None:
-            app.router.add_get("/metrics", self._render_metrics)
-        return app
+            self._routes[path] = self._probe(service)
+        if metrics is not None:
+            self._routes["/metrics"] = self._render_metrics
+        self._runner: web.ServerRunner | None = None
 
-    async def _smoke_test(self, request: web.Request) -> web.Response:
+    async def _handle(self, request: web.BaseRequest) -> web.Response:
+        route = self._routes.get(request.path)
+        if route is None:
+            return _plain(404, "404 Not Found\n")
+        if request.method not in {"GET", "HEAD"}:
+            return _plain(405, "405 Method Not Allowed\n", Allow="GET, HEAD")
+        length = request.content_length
+        if (length is not None and length > _MAX_BODY_BYTES) or (
+            length is None and "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+        ):
+            response = _plain(413, "413 Request Entity Too Large\n")
+            response.force_close()
+            return response
+        return await route(request)
+
+    async def _smoke_test(self, request: web.BaseRequest) -> web.Response:
         serving = self._board.get(SMOKE_TEST_SERVICE) is ServingStatus.SERVING
         return web.Response(
             status=200 if serving else 503,
             body=_SMOKE_OK if serving else _SMOKE_UNAVAILABLE,
             content_type=_JSON,
-            headers=_NO_CACHE,
+            headers=_HEADERS,
         )
 
-    def _probe(self, service: str) -> Callable[[web.Request], Awaitable[web.Response]]:
-        async def probe(request: web.Request) -> web.Response:
+    def _probe(self, service: str) -> _Handler:
+        async def probe(request: web.BaseRequest) -> web.Response:
             serving = self._board.get(service) is ServingStatus.SERVING
             lines = []
             if "verbose" in request.query and self._may_see_checks(request):
@@ -99,21 +136,19 @@ class HttpFace:
                         mark, word = ("+", "ok") if ok else ("-", "failed")
                         lines.append(f"[{mark}]{name.removeprefix(CHECK_PREFIX)} {word}")
             lines.append(f"{request.path.strip('/')} {'ok' if serving else 'failed'}")
-            return web.Response(
-                status=200 if serving else 503, text="\n".join(lines) + "\n", headers=_NO_CACHE
-            )
+            return _plain(200 if serving else 503, "\n".join(lines) + "\n")
 
         return probe
 
-    def _may_see_checks(self, request: web.Request) -> bool:
+    def _may_see_checks(self, request: web.BaseRequest) -> bool:
         if self._auth is None:
             return True
         return self._auth.allows((key.lower(), value) for key, value in request.headers.items())
 
-    async def _render_metrics(self, request: web.Request) -> web.Response:
+    async def _render_metrics(self, request: web.BaseRequest) -> web.Response:
         assert self._metrics is not None  # noqa: S101 - the route exists only with metrics
         body, content_type = self._metrics.render()
-        return web.Response(body=body, headers={"Content-Type": content_type})
+        return web.Response(body=body, headers={**_HEADERS, "Content-Type": content_type})
 
     async def start(self, host: str, port: int) -> int:
         """Listen on *host*:*port* ("" for every interface); return the bound port.
@@ -121,7 +156,12 @@ class HttpFace:
         Raises:
             OSError: the address cannot be listened on.
         """
-        self._runner = web.AppRunner(self._application(), access_log=None, handle_signals=False)
+        server = _QuietServer(
+            self._handle,
+            max_line_size=_MAX_HEADER_BYTES,
+            max_field_size=_MAX_HEADER_BYTES,
+        )
+        self._runner = web.ServerRunner(server, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host or None, port, reuse_port=False)
         try:

@@ -220,6 +220,7 @@ async def serve(
     board = StatusBoard() if board is None else board
     parts = await _assemble(options, board)
     async with contextlib.AsyncExitStack() as stack:
+        signals = stack.enter_context(_Signals())
         for each in parts.servers:
             stack.push_async_callback(each.stop, None)
         # Before the first answer, so that readiness already follows the checks.
@@ -251,57 +252,63 @@ async def serve(
             )
         if on_listening is not None:
             on_listening(parts.port)
-        reloader = None
         if options.config_path is not None:
-            reloader = ConfigReloader(options.config_path, parts.monitor)
+            signals.reloader = ConfigReloader(options.config_path, parts.monitor)
             if options.config_poll_seconds > 0:
-                polling = asyncio.create_task(reloader.poll(options.config_poll_seconds))
+                polling = asyncio.create_task(signals.reloader.poll(options.config_poll_seconds))
                 stack.callback(polling.cancel)
-        await _until_signal_then_stop(parts.servers, board, options, reloader)
-    _log.info("stopped", extra={"event": "stopped"})
-
-
-async def _until_signal_then_stop(
-    servers: list[grpc.aio.Server],
-    board: StatusBoard,
-    options: ServeOptions,
-    reloader: ConfigReloader | None,
-) -> None:
-    loop = asyncio.get_running_loop()
-    stop, hurry = asyncio.Event(), asyncio.Event()
-    reloads: set[asyncio.Task[bool]] = set()
-
-    def on_hangup() -> None:
-        if reloader is None:
-            _log.warning("SIGHUP received, but there is no configuration file to reload")
-            return
-        _log.info("SIGHUP received: reloading the configuration", extra={"event": "signal"})
-        task = asyncio.create_task(reloader.reload())
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
-
-    def on_signal(signum: int) -> None:
-        name = signal.Signals(signum).name
-        if stop.is_set():
-            _log.info("%s again: stopping now", name, extra={"event": "hurry"})
-            hurry.set()
-        else:
-            _log.info("%s received", name, extra={"event": "signal"})
-            stop.set()
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
-    loop.add_signal_handler(signal.SIGHUP, on_hangup)
-    try:
-        await stop.wait()
+        await signals.stop.wait()
         await graceful_stop(
-            servers,
+            parts.servers,
             board,
             drain_seconds=options.drain_seconds,
             grace_seconds=options.grace_seconds,
-            hurry=hurry,
+            hurry=signals.hurry,
         )
-    finally:
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    _log.info("stopped", extra={"event": "stopped"})
+
+
+class _Signals:
+    """SIGTERM/SIGINT (stop; a second one hurries) and SIGHUP (reload), from the very start.
+
+    Installed before anything listens, so that a signal sent as soon as the server is up
+    is never met by Python's default action (which would skip the graceful stop).
+    """
+
+    _NAMES = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.stop = asyncio.Event()
+        self.hurry = asyncio.Event()
+        self.reloader: ConfigReloader | None = None
+        self._reloads: set[asyncio.Task[bool]] = set()
+        self._loop = asyncio.get_running_loop()
+
+    def __enter__(self) -> _Signals:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._loop.add_signal_handler(signum, self._on_stop, signum)
+        self._loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum in self._NAMES:
             with contextlib.suppress(ValueError, RuntimeError):
-                loop.remove_signal_handler(signum)
+                self._loop.remove_signal_handler(signum)
+
+    def _on_stop(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if self.stop.is_set():
+            _log.info("%s again: stopping now", name, extra={"event": "hurry"})
+            self.hurry.set()
+        else:
+            _log.info("%s received", name, extra={"event": "signal"})
+            self.stop.set()
+
+    def _on_hangup(self) -> None:
+        if self.reloader is None:
+            _log.warning("SIGHUP received, but there is no configuration file to reload")
+            return
+        _log.info("SIGHUP received: reloading the configuration", extra={"event": "signal"})
+        task = asyncio.create_task(self.reloader.reload())
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
