@@ -33,7 +33,7 @@ class BearerToken:
         token = token.strip()
         if not token or any(c.isspace() for c in token):
             raise ValueError("a bearer token must be non-empty and contain no whitespace")
-        self._expected = _digest(f"Bearer {token}".encode())
+        self._expected = _digest(token.encode())
 
     @staticmethod
     def read_file(path: str) -> str:
@@ -62,5 +62,8 @@ class BearerToken:
         for key, value in metadata or ():
             if key == "authorization":
                 raw = value if isinstance(value, bytes) else value.encode()
-                return hmac.compare_digest(_digest(raw), self._expected)
+                scheme, _, token = raw.strip().partition(b" ")
+                # The scheme is case-insensitive (RFC 9110); the token is compared whole.
+                matches = hmac.compare_digest(_digest(token.strip()), self._expected)
+                return scheme.lower() == b"bearer" and matches
         return False

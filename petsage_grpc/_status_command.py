@@ -161,7 +161,9 @@ async def _status(
                 messages=health_pb2,
                 list_names=list_names,
             )
-        return EXIT_SERVING if all(s == "SERVING" for s in states.values()) else EXIT_UNHEALTHY
+        # A name that went away (a removed check) no longer counts against the server.
+        known = [state for state in states.values() if state != "SERVICE_UNKNOWN"]
+        return EXIT_SERVING if all(state == "SERVING" for state in known) else EXIT_UNHEALTHY
 
 
 async def _smoke_test(
@@ -229,7 +231,7 @@ async def _watch(
         with contextlib.suppress(grpc.aio.AioRpcError):
             async for answer in watch_call(messages.HealthCheckRequest(service=name)):
                 new = name_of(answer.status)
-                old = states.get(name)
+                old = states.get(name, "SERVICE_UNKNOWN")
                 if new == old:
                     continue
                 states[name] = new
@@ -252,7 +254,8 @@ async def _watch(
             await asyncio.wait_for(stop.wait(), _RELIST_SECONDS)
         with contextlib.suppress(grpc.aio.AioRpcError):
             for name in await list_names():
-                if name not in tasks:
+                # New names, and streams that ended (the server restarted): follow again.
+                if name not in tasks or tasks[name].done():
                     tasks[name] = asyncio.create_task(follow(name))
     for task in tasks.values():
         task.cancel()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -120,8 +121,9 @@ class ServerProcess:
 
 
 def _pump(stream: IO[str], lines: list[str]) -> None:
-    for line in stream:
-        lines.append(line)
+    with contextlib.suppress(ValueError, OSError):  # closed at teardown
+        for line in stream:
+            lines.append(line)
 
 
 @pytest.fixture
@@ -170,3 +172,5 @@ def spawn_server() -> Iterator[Callable[..., ServerProcess]]:
         if running.process.poll() is None:
             running.process.kill()
             running.process.wait(10)
+        if running.process.stderr is not None:
+            running.process.stderr.close()
