@@ -311,14 +311,6 @@ def test_directory_instead_of_a_file_is_refused(tmp_path: Path) -> None:
     assert "cannot read" in line
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
-def test_unreadable_file_is_refused(tmp_path: Path) -> None:
-    config = write(tmp_path, TCP_CHECK)
-    config.chmod(0)
-    (line,) = refused(config)
-    assert "cannot read" in line
-
-
 def test_invalid_toml_is_refused(tmp_path: Path) -> None:
     config = write(tmp_path, "[server\nport = 50051\n")
     (line,) = refused(config)
