@@ -39,7 +39,8 @@ class Connection:
         connection without verifying the server (grpcio cannot skip verification).
 
         Raises:
-            OSError: a TLS file cannot be read (ssl.SSLError: they do not fit together).
+            OSError: a TLS file cannot be read, holds nothing usable, or the client key
+                does not fit the certificate (ssl.SSLError is an OSError).
         """
         import grpc  # noqa: PLC0415 - only once the arguments are known to be good
 
@@ -60,6 +61,7 @@ class Connection:
             return relay, None, options
         if self.tls_server_name:
             options.append(("grpc.ssl_target_name_override", self.tls_server_name))
+        _check_tls_files(self.tls_ca_cert, self.tls_client_cert, self.tls_client_key)
         credentials = grpc.ssl_channel_credentials(
             root_certificates=_read(self.tls_ca_cert),
             private_key=_read(self.tls_client_key),
@@ -84,6 +86,24 @@ class Connection:
         if credentials is None:
             return grpc.aio.insecure_channel(target, options=options)
         return grpc.aio.secure_channel(target, credentials, options=options)
+
+
+def _check_tls_files(ca: str, cert: str, key: str) -> None:
+    """Fail now, as Go's TLS config does, on files grpc would only reject at handshake.
+
+    Raises:
+        OSError: a file cannot be read.
+        ssl.SSLError: the CA file holds no certificate, or the key does not fit the cert.
+    """
+    import ssl  # noqa: PLC0415
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if ca:
+        context.load_verify_locations(cafile=ca)
+        if not context.get_ca_certs():
+            raise ssl.SSLError(f"no root CA certs parsed from file {ca}")
+    if cert and key:
+        context.load_cert_chain(cert, key)
 
 
 def _read(path: str) -> bytes | None:

@@ -6,8 +6,9 @@ A Kubernetes exec probe line written for grpc_health_probe works unchanged with
 that is not a flag. Messages go to stderr, as grpc_health_probe's do.
 
 Exit codes:
-    0  the service answered SERVING
-    1  invalid arguments (unknown flag, bad value, conflicting TLS flags, unreadable file)
+    0  the service answered SERVING (and -version)
+    1  invalid arguments (unknown flag, bad value, conflicting TLS flags, unusable TLS
+       file) and -help, as Go's flag package has it
     2  connection failed or timed out (a TLS mismatch looks like this too)
     3  the RPC failed: NOT_FOUND, UNIMPLEMENTED, DEADLINE_EXCEEDED, UNAUTHENTICATED, ...
     4  the service answered, but not SERVING
@@ -15,6 +16,7 @@ Exit codes:
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -151,7 +153,7 @@ def _parse(argv: Sequence[str]) -> _Flags:  # noqa: PLR0912 - as Go's FlagSet.pa
         attribute = name.replace("-", "_")
         if parser is None:
             if has_value and value not in _TRUE | _FALSE:
-                raise _ArgumentError(f"invalid boolean value {value!r} for -{name}: parse error")
+                raise _ArgumentError(f'invalid boolean value "{value}" for -{name}: parse error')
             setattr(flags, attribute, not has_value or value in _TRUE)
             continue
         if not has_value:
@@ -231,7 +233,7 @@ def run_probe(argv: Sequence[str]) -> int:
         _validate(flags)
     except _HelpRequestedError:
         _log(_usage())
-        return EXIT_SERVING
+        return EXIT_INVALID_ARGUMENTS  # as Go's flag package makes grpc_health_probe do
     except _ArgumentError as error:
         _log(f"error: {error}")
         return EXIT_INVALID_ARGUMENTS
@@ -276,6 +278,9 @@ def _rpc_failure(error: grpc.RpcError, flags: _Flags) -> str:
 
 
 def _check(flags: _Flags) -> int:
+    # grpc_health_probe prints only its own lines; grpc core would add its own on TLS
+    # failures. Read when grpc is first imported.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     import grpc  # noqa: PLC0415
     from grpc_health.v1 import health_pb2  # noqa: PLC0415
 

@@ -5,44 +5,58 @@ grpcio has no way to skip certificate verification, which grpc_health_probe's
 127.0.0.1, and the relay makes the TLS connection (ALPN h2, client certificate if given)
 with verification off. A failed handshake closes the relayed connection, which the probe
 reports as a connection failure, as grpc_health_probe does.
+
+The relay runs an asyncio loop on one daemon thread: an SSL socket must never be read
+and written from two threads at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import socket
 import ssl
 import threading
+from concurrent.futures import Future
 
 __all__ = ["start_unverified_tls_relay"]
 
 _CHUNK = 65536
 
 
-def _pump(source: socket.socket, sink: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        while data := source.recv(_CHUNK):
-            sink.sendall(data)
-    for sock in (source, sink):
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(OSError, ssl.SSLError):
+        while data := await reader.read(_CHUNK):
+            writer.write(data)
+            await writer.drain()
+    with contextlib.suppress(OSError, ssl.SSLError, RuntimeError):
+        if writer.can_write_eof():
+            writer.write_eof()
 
 
-def _relay(
-    client: socket.socket, host: str, port: int, context: ssl.SSLContext, timeout: float
+async def _serve(
+    host: str, port: int, context: ssl.SSLContext, connect_limit: float, started: Future[int]
 ) -> None:
-    with client:
+    async def relay(
+        client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter
+    ) -> None:
         try:
-            raw = socket.create_connection((host, port), timeout=timeout)
-            server = context.wrap_socket(raw, server_hostname=host)
-            server.settimeout(None)
-        except (OSError, ssl.SSLError):
+            server_reader, server_writer = await asyncio.wait_for(
+                asyncio.open_connection(host, port, ssl=context, server_hostname=host or None),
+                connect_limit,
+            )
+        except (OSError, ssl.SSLError, TimeoutError):
+            client_writer.close()
             return
-        with server:
-            upstream = threading.Thread(target=_pump, args=(client, server), daemon=True)
-            upstream.start()
-            _pump(server, client)
-            upstream.join()
+        await asyncio.gather(
+            _pump(client_reader, server_writer), _pump(server_reader, client_writer)
+        )
+        for writer in (client_writer, server_writer):
+            writer.close()
+
+    listener = await asyncio.start_server(relay, "127.0.0.1", 0)
+    started.set_result(listener.sockets[0].getsockname()[1])
+    async with listener:
+        await listener.serve_forever()
 
 
 def start_unverified_tls_relay(
@@ -50,11 +64,11 @@ def start_unverified_tls_relay(
 ) -> str:
     """Start relaying to *host*:*port* over unverified TLS; return the local ``host:port``.
 
-    The relay runs on daemon threads for the life of the process.
+    The relay runs on a daemon thread for the life of the process.
 
     Raises:
-        OSError: the client certificate or key cannot be read.
-        ssl.SSLError: they are not a usable pair.
+        OSError: the client certificate or key cannot be read (ssl.SSLError: they are
+            not a usable pair).
     """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
@@ -62,14 +76,11 @@ def start_unverified_tls_relay(
     context.set_alpn_protocols(["h2"])
     if cert and key:
         context.load_cert_chain(cert, key)
-    listener = socket.create_server(("127.0.0.1", 0))
-
-    def accept() -> None:
-        while True:
-            client, _ = listener.accept()
-            threading.Thread(
-                target=_relay, args=(client, host, port, context, timeout), daemon=True
-            ).start()
-
-    threading.Thread(target=accept, daemon=True).start()
-    return f"127.0.0.1:{listener.getsockname()[1]}"
+    started: Future[int] = Future()
+    threading.Thread(
+        target=asyncio.run,
+        args=(_serve(host, port, context, timeout, started),),
+        name="petsage-tls-relay",
+        daemon=True,
+    ).start()
+    return f"127.0.0.1:{started.result(timeout=10)}"
