@@ -11,7 +11,7 @@ import signal
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import grpc
 
@@ -20,14 +20,15 @@ from petsage_grpc._check import Check
 from petsage_grpc._drain import graceful_stop
 from petsage_grpc._embed import add_to_server
 from petsage_grpc._health import HealthLimits, add_health_service
-from petsage_grpc._http import HttpFace
-from petsage_grpc._metrics import Metrics
 from petsage_grpc._monitor import HealthMonitor
 from petsage_grpc._reload import ConfigReloader
 from petsage_grpc._status import StatusBoard
 from petsage_grpc._tls import TlsError, TlsFiles, server_credentials
 
 __all__ = ["SERVER_OPTIONS", "ListenError", "ServeOptions", "format_address", "serve"]
+
+if TYPE_CHECKING:
+    from petsage_grpc._http import HttpFace
 
 _log = logging.getLogger("petsage_grpc.server")
 
@@ -162,16 +163,19 @@ async def _assemble(options: ServeOptions, board: StatusBoard) -> _Assembly:
     except TlsError as error:
         raise ListenError(str(error)) from None
     monitor = HealthMonitor(board, options.checks)
-    metrics = Metrics(board, monitor) if options.http_port is not None else None
-    http = (
-        None
-        if options.http_port is None
-        else HttpFace(
+    metrics = http = None
+    if options.http_port is not None:
+        # aiohttp and prometheus-client cost a quarter of a second to import and memory
+        # to hold: only for servers that serve HTTP.
+        from petsage_grpc._http import HttpFace  # noqa: PLC0415
+        from petsage_grpc._metrics import Metrics  # noqa: PLC0415
+
+        metrics = Metrics(board, monitor)
+        http = HttpFace(
             board,
             metrics=metrics,
             auth=None if options.auth_token is None else BearerToken(options.auth_token),
         )
-    )
     server = grpc.aio.server(
         options=SERVER_OPTIONS, interceptors=[metrics.interceptor] if metrics else None
     )
