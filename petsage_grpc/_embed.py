@@ -25,6 +25,7 @@ def add_to_server(
     report_checks: bool = True,
     auth_token: str | None = None,
     protect_reflection: bool = True,
+    probe_server: grpc.aio.Server | None = None,
 ) -> StatusBoard:
     """Add ``grpc.health.v1.Health``, ``petsage.v1.SmokeTestService`` and reflection to *server*.
 
@@ -49,6 +50,8 @@ def add_to_server(
             *protect_reflection*) reflection require as ``authorization: Bearer <token>``.
             Check and Watch never require it. None: nothing requires a token.
         protect_reflection: With *auth_token*, reflection requires it too.
+        probe_server: A second server (typically plaintext, for kubelet probes while
+            *server* requires TLS) on which to serve Health's Check and Watch only.
 
     Returns:
         The status board, the single source of truth for what the server reports.
@@ -58,7 +61,7 @@ def add_to_server(
     """
     board = StatusBoard() if board is None else board
     auth = None if auth_token is None else BearerToken(auth_token)
-    add_health_service(server, board, limits=limits, auth=auth)
+    add_health_service(server, board, limits=limits, auth=auth, probe_server=probe_server)
     add_smoke_test_service(server, board, report_checks=report_checks, auth=auth)
     if reflection:
         add_reflection_service(

@@ -17,7 +17,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
 
 from petsage_grpc._auth import UNAUTHENTICATED_DETAILS, BearerToken
-from petsage_grpc._registration import register_service
+from petsage_grpc._registration import one_request, register_service
 from petsage_grpc._status import ServingStatus, StatusBoard
 
 __all__ = ["HEALTH_SERVICE", "HealthLimits", "add_health_service"]
@@ -79,7 +79,10 @@ class _HealthServicer:
             )
         return service
 
-    async def check(self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+    async def check(
+        self, requests: object, context: grpc.aio.ServicerContext[bytes, bytes]
+    ) -> bytes:
+        request = await one_request(context)
         # Envoy fails a health check whose response frame is compressed. For unary calls
         # grpc.aio ignores set_compression(), so the message itself is exempted.
         context.disable_next_message_compression()
@@ -92,8 +95,9 @@ class _HealthServicer:
         return _RESPONSES[status]
 
     async def watch(
-        self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]
+        self, requests: object, context: grpc.aio.ServicerContext[bytes, bytes]
     ) -> AsyncIterator[bytes]:
+        request = await one_request(context)
         context.set_compression(_NO_COMPRESSION)
         try:
             service = self._service_name(request)
@@ -117,7 +121,10 @@ class _HealthServicer:
             if not self._watches_by_peer[peer]:
                 del self._watches_by_peer[peer]
 
-    async def list(self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+    async def list(
+        self, requests: object, context: grpc.aio.ServicerContext[bytes, bytes]
+    ) -> bytes:
+        request = await one_request(context)
         context.disable_next_message_compression()
         if self._auth is not None and not self._auth.allows(context.invocation_metadata()):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_DETAILS)
@@ -143,15 +150,22 @@ def add_health_service(
     *,
     limits: HealthLimits | None = None,
     auth: BearerToken | None = None,
+    probe_server: grpc.aio.Server | None = None,
 ) -> None:
     """Register ``grpc.health.v1.Health`` on *server*, answering from *board*.
 
-    With *auth*, List requires the bearer token; Check and Watch never do.
+    With *auth*, List requires the bearer token; Check and Watch never do. On
+    *probe_server* (a plaintext port for kubelet probes beside a TLS one) only Check and
+    Watch are registered, sharing *server*'s Watch stream caps.
     """
     servicer = _HealthServicer(board, limits or HealthLimits(), auth)
     handlers: dict[str, grpc.RpcMethodHandler[bytes, bytes]] = {
-        "Check": grpc.unary_unary_rpc_method_handler(servicer.check),
-        "Watch": grpc.unary_stream_rpc_method_handler(servicer.watch),
-        "List": grpc.unary_unary_rpc_method_handler(servicer.list),
+        # Streaming on the server side only: see one_request(). Clients see unary calls.
+        "Check": grpc.stream_unary_rpc_method_handler(servicer.check),
+        "Watch": grpc.stream_stream_rpc_method_handler(servicer.watch),
+        "List": grpc.stream_unary_rpc_method_handler(servicer.list),
     }
     register_service(server, HEALTH_SERVICE, handlers)
+    if probe_server is not None:
+        probes = {name: handlers[name] for name in ("Check", "Watch")}
+        register_service(probe_server, HEALTH_SERVICE, probes)

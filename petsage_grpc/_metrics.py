@@ -87,6 +87,8 @@ class _RpcCounter(grpc.aio.ServerInterceptor):
         method = handler_call_details.method.lstrip("/")
         if handler.unary_unary is not None:
             return handler._replace(unary_unary=self._unary(method, handler.unary_unary))  # type: ignore[attr-defined, no-any-return]
+        if handler.stream_unary is not None:
+            return handler._replace(stream_unary=self._unary(method, handler.stream_unary))  # type: ignore[attr-defined, no-any-return]
         if handler.unary_stream is not None:
             return handler._replace(unary_stream=self._stream(method, handler.unary_stream))  # type: ignore[attr-defined, no-any-return]
         if handler.stream_stream is not None:

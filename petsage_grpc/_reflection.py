@@ -15,6 +15,7 @@ from typing import Any, Final
 import grpc
 from google.protobuf import descriptor_pool
 from google.protobuf.descriptor_pb2 import FileDescriptorProto
+from google.protobuf.message import DecodeError
 from grpc_reflection.v1alpha import reflection_pb2
 from grpc_reflection.v1alpha._async import ReflectionServicer
 
@@ -59,13 +60,29 @@ def _ensure_v1_descriptor() -> None:
 _Behaviour = Callable[[Any, Any], AsyncIterable[Any]]
 
 
-def _authenticated(behaviour: _Behaviour, auth: BearerToken) -> _Behaviour:
+def _guarded(behaviour: _Behaviour, auth: BearerToken | None) -> _Behaviour:
+    """Check the token first, then parse each request here.
+
+    grpcio would answer a malformed request with UNKNOWN and its exception text, and
+    log a traceback for it.
+    """
+
     async def guarded(
-        requests: Any, context: grpc.aio.ServicerContext[Any, Any]
+        requests: AsyncIterable[bytes], context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
-        if not auth.allows(context.invocation_metadata()):
+        if auth is not None and not auth.allows(context.invocation_metadata()):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_DETAILS)
-        async for response in behaviour(requests, context):
+
+        async def parsed() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
+            async for raw in requests:
+                try:
+                    yield reflection_pb2.ServerReflectionRequest.FromString(raw)
+                except DecodeError:
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT, "malformed ServerReflectionRequest"
+                    )
+
+        async for response in behaviour(parsed(), context):
             yield response
 
     return guarded
@@ -77,17 +94,13 @@ def add_reflection_service(
     """Serve reflection (v1 and v1alpha) on *server*, listing *service_names* and itself.
 
     With *auth*, every reflection call requires the bearer token (UNAUTHENTICATED
-    otherwise).
+    otherwise). A request that does not parse ends the call with INVALID_ARGUMENT.
     """
     _ensure_v1_descriptor()
     listed = sorted({*service_names, *REFLECTION_SERVICES})
     servicer = ReflectionServicer(listed)
-    behaviour: _Behaviour = servicer.ServerReflectionInfo
-    if auth is not None:
-        behaviour = _authenticated(behaviour, auth)
-    handler = grpc.stream_stream_rpc_method_handler(
-        behaviour,
-        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+    handler: grpc.RpcMethodHandler[bytes, Any] = grpc.stream_stream_rpc_method_handler(
+        _guarded(servicer.ServerReflectionInfo, auth),
         response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
     )
     for service in REFLECTION_SERVICES:

@@ -7,7 +7,22 @@ from typing import Any
 
 import grpc
 
-__all__ = ["register_service"]
+__all__ = ["one_request", "register_service"]
+
+_Context = grpc.aio.ServicerContext[bytes, bytes]
+
+
+async def one_request(context: _Context) -> bytes:
+    """Read a unary method's request message from a handler registered as streaming.
+
+    Registered as unary, a call whose request stream ends without a whole message is
+    never answered by grpc.aio: it holds its memory until the client gives up. Read
+    here, such a call ends at once with INVALID_ARGUMENT.
+    """
+    request: object = await context.read()
+    if not isinstance(request, bytes):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call carried no request message")
+    return request
 
 
 def register_service(

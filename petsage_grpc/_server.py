@@ -19,7 +19,7 @@ from petsage_grpc._auth import BearerToken
 from petsage_grpc._check import Check
 from petsage_grpc._drain import graceful_stop
 from petsage_grpc._embed import add_to_server
-from petsage_grpc._health import HealthLimits, add_health_service
+from petsage_grpc._health import HealthLimits
 from petsage_grpc._monitor import HealthMonitor
 from petsage_grpc._reload import ConfigReloader
 from petsage_grpc._status import StatusBoard
@@ -43,6 +43,9 @@ SERVER_OPTIONS: Final[tuple[tuple[str, int], ...]] = (
     ("grpc.server.max_pending_requests_hard_limit", 131_072),
     # Health, reflection and smoke test requests are tiny.
     ("grpc.max_receive_message_length", 16 * 1024),
+    # Per connection: the Watch cap per connection and room for unary calls beside it.
+    # Beyond it, HTTP/2 makes the client wait instead of the server holding more calls.
+    ("grpc.max_concurrent_streams", 1_100),
     # Find dead peers that hold Watch streams; refuse clients that ping too often.
     ("grpc.keepalive_time_ms", 60_000),
     ("grpc.keepalive_timeout_ms", 20_000),
@@ -179,6 +182,12 @@ async def _assemble(options: ServeOptions, board: StatusBoard) -> _Assembly:
     server = grpc.aio.server(
         options=SERVER_OPTIONS, interceptors=[metrics.interceptor] if metrics else None
     )
+    servers = [server]
+    probe_server = None
+    if options.probe_port is not None:
+        # Check and Watch alone, for kubelet probes that cannot speak TLS.
+        probe_server = grpc.aio.server(options=SERVER_OPTIONS)
+        servers.append(probe_server)
     add_to_server(
         server,
         board=board,
@@ -186,19 +195,15 @@ async def _assemble(options: ServeOptions, board: StatusBoard) -> _Assembly:
         report_checks=options.report_checks,
         auth_token=options.auth_token,
         protect_reflection=options.protect_reflection,
+        probe_server=probe_server,
     )
-    servers = [server]
     address = format_address(options.host, options.port)
     try:
         if credentials is None:
             port = server.add_insecure_port(address)
         else:
             port = server.add_secure_port(address, credentials)
-        if options.probe_port is not None:
-            # Health alone, for kubelet probes that cannot speak TLS.
-            probe_server = grpc.aio.server(options=SERVER_OPTIONS)
-            add_health_service(probe_server, board, limits=options.limits)
-            servers.append(probe_server)
+        if probe_server is not None and options.probe_port is not None:
             probe_server.add_insecure_port(format_address(options.host, options.probe_port))
     except RuntimeError:
         # Lost a race for a port since the check above; grpc has logged the details.

@@ -128,7 +128,7 @@ SERVER_SETTINGS: Final = (
         "probe_port",
         _port,
         None,
-        "also serve grpc.health.v1.Health alone, in plaintext, on this port (for kubelet "
+        "also serve Health's Check and Watch alone, in plaintext, on this port (for kubelet "
         "probes while the main port requires TLS; default: off)",
     ),
     Setting(

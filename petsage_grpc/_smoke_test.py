@@ -10,7 +10,7 @@ from google.protobuf.message import DecodeError
 from petsage_grpc._auth import BearerToken
 from petsage_grpc._check import CHECK_PREFIX
 from petsage_grpc._generated.petsage.v1 import smoke_test_service_pb2
-from petsage_grpc._registration import register_service
+from petsage_grpc._registration import one_request, register_service
 from petsage_grpc._status import SMOKE_TEST_SERVICE, ServingStatus, StatusBoard
 
 __all__ = ["NOT_SERVING_DETAILS", "SMOKE_TEST_MESSAGE", "add_smoke_test_service"]
@@ -42,8 +42,9 @@ class _SmokeTestServicer:
         self._plain = _answer({})
 
     async def smoke_test(
-        self, request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]
+        self, requests: object, context: grpc.aio.ServicerContext[bytes, bytes]
     ) -> bytes:
+        request = await one_request(context)
         try:
             smoke_test_service_pb2.SmokeTestRequest.FromString(request)
         except DecodeError:
@@ -77,6 +78,6 @@ def add_smoke_test_service(
     """
     servicer = _SmokeTestServicer(board, report_checks=report_checks, auth=auth)
     handlers: dict[str, grpc.RpcMethodHandler[bytes, bytes]] = {
-        "SmokeTest": grpc.unary_unary_rpc_method_handler(servicer.smoke_test),
+        "SmokeTest": grpc.stream_unary_rpc_method_handler(servicer.smoke_test),
     }
     register_service(server, SMOKE_TEST_SERVICE, handlers)

@@ -13,6 +13,7 @@ and written from two threads at once.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import ssl
 import threading
@@ -34,7 +35,11 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 
 
 async def _serve(
-    host: str, port: int, context: ssl.SSLContext, connect_limit: float, started: Future[int]
+    host: str,
+    port: int,
+    context: ssl.SSLContext,
+    connect_limit: float,
+    started: Future[tuple[int, asyncio.AbstractEventLoop, asyncio.Event]],
 ) -> None:
     async def relay(
         client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter
@@ -47,16 +52,26 @@ async def _serve(
         except (OSError, ssl.SSLError, TimeoutError):
             client_writer.close()
             return
-        await asyncio.gather(
-            _pump(client_reader, server_writer), _pump(server_reader, client_writer)
-        )
+        # Cancelled only when the relay stops: end quietly, as asyncio's stream callback
+        # would otherwise log the cancellation as an error.
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(
+                _pump(client_reader, server_writer), _pump(server_reader, client_writer)
+            )
         for writer in (client_writer, server_writer):
             writer.close()
 
+    stop = asyncio.Event()
     listener = await asyncio.start_server(relay, "127.0.0.1", 0)
-    started.set_result(listener.sockets[0].getsockname()[1])
+    started.set_result((listener.sockets[0].getsockname()[1], asyncio.get_running_loop(), stop))
     async with listener:
-        await listener.serve_forever()
+        await stop.wait()
+    # End the relayed connections here, not in the interpreter's finalisation, which
+    # would complain about tasks destroyed while pending.
+    others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in others:
+        task.cancel()
+    await asyncio.gather(*others, return_exceptions=True)
 
 
 def start_unverified_tls_relay(
@@ -64,7 +79,7 @@ def start_unverified_tls_relay(
 ) -> str:
     """Start relaying to *host*:*port* over unverified TLS; return the local ``host:port``.
 
-    The relay runs on a daemon thread for the life of the process.
+    The relay runs on a daemon thread until the process exits.
 
     Raises:
         OSError: the client certificate or key cannot be read (ssl.SSLError: they are
@@ -76,11 +91,20 @@ def start_unverified_tls_relay(
     context.set_alpn_protocols(["h2"])
     if cert and key:
         context.load_cert_chain(cert, key)
-    started: Future[int] = Future()
-    threading.Thread(
+    started: Future[tuple[int, asyncio.AbstractEventLoop, asyncio.Event]] = Future()
+    thread = threading.Thread(
         target=asyncio.run,
         args=(_serve(host, port, context, timeout, started),),
         name="petsage-tls-relay",
         daemon=True,
-    ).start()
-    return f"127.0.0.1:{started.result(timeout=10)}"
+    )
+    thread.start()
+    local_port, loop, stop = started.result(timeout=10)
+
+    def close() -> None:
+        with contextlib.suppress(RuntimeError):  # the loop has already ended
+            loop.call_soon_threadsafe(stop.set)
+        thread.join(timeout=1)
+
+    atexit.register(close)
+    return f"127.0.0.1:{local_port}"
