@@ -1,0 +1,1 @@
+"""Benchmarks of petsage-grpc against its peers: ``python -m benchmarks.run``."""

@@ -1,0 +1,82 @@
+"""The benchmark (benchmarks/run.py) in its smoke mode: every section runs, none fails.
+
+Nothing here is timed: the machine is shared, so only the shape of the results and the
+absence of errors are checked. Needs h2load and nghttp (Debian's nghttp2-client), Node
+with the root node_modules (``npm ci``), and taskset.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+from conftest import ROOT
+
+SECTIONS = ("throughput", "kubelet", "hanging_dependency", "watch", "startup")
+CHECK_PEERS = {"bare-aio", "petsage", "stock-aio", "stock-sync", "grpc-js"}
+WATCH_PEERS = {"bare-stream", "petsage-embedded", "stock-aio"}
+RUN_TIMEOUT = 180
+
+
+def _missing_tools() -> list[str]:
+    missing = [tool for tool in ("h2load", "nghttp", "node", "taskset") if not shutil.which(tool)]
+    for package in ("@grpc/grpc-js", "grpc-health-check"):
+        if not (ROOT / "node_modules" / package / "package.json").is_file():
+            missing.append(f"node_modules/{package}")
+    return missing
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    missing = _missing_tools()
+    assert not missing, (
+        f"the benchmark smoke test needs {', '.join(missing)}: "
+        "apt-get install nghttp2-client; npm ci"
+    )
+    out = tmp_path_factory.mktemp("benchmark")
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--smoke", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 0, f"stdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-3000:]}"
+    assert (out / "benchmarks.md").is_file()
+    results: dict[str, Any] = json.loads((out / "benchmarks.json").read_text())
+    return results
+
+
+@pytest.mark.timeout(RUN_TIMEOUT + 60)
+def test_every_section_ran_without_errors(smoke: dict[str, Any]) -> None:
+    assert smoke["errors"] == []
+    assert smoke["meta"]["mode"] == "smoke"
+    for section in SECTIONS:
+        assert smoke["sections"].get(section), f"section {section} is missing or empty"
+    assert smoke["targets"], "no targets were evaluated"
+
+
+@pytest.mark.timeout(RUN_TIMEOUT + 60)
+def test_every_peer_was_measured(smoke: dict[str, Any]) -> None:
+    sections = smoke["sections"]
+    assert set(sections["throughput"]["summary"]) == CHECK_PEERS
+    assert set(sections["kubelet"]["summary"]) == CHECK_PEERS
+    for peer, row in sections["kubelet"]["summary"].items():
+        assert row["probes_per_second"] > 0, peer
+    assert set(sections["hanging_dependency"]["summary"]) == {
+        "none",
+        "python-hang",
+        "http-blackhole",
+    }
+    for size, section in sections["watch"].items():
+        assert set(section["summary"]) == WATCH_PEERS
+        for peer, row in section["summary"].items():
+            assert row["opened"] == int(size), (size, peer)
+            assert row["delivered"] == int(size), (size, peer)
+    assert set(sections["startup"]["spawn"]["summary"]) == {"stock-aio", "petsage"}
+    assert set(sections["startup"]["idle"]["servers"]) >= {"stock-aio", "petsage"}
