@@ -30,7 +30,7 @@ import json
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from concurrent import futures
 from typing import Any, Final
 
@@ -218,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.kind == "stock-sync":
         _stock_sync(args.port)
         return 0
-    runners = {
+    runners: dict[str, Callable[[int], Coroutine[Any, Any, None]]] = {
         "stock-aio": _stock_aio,
         "bare-aio": _bare_aio,
         "bare-stream": _bare_stream,

@@ -164,7 +164,11 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
         choices=("serve", "probe", "status"),
         help="serve; probe a server as grpc_health_probe does; show a server's status",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    if args == ["--version"]:
+        # Looked up only when asked for: importlib.metadata costs every start otherwise.
+        print(f"{PROG} {_version()}")
+        return 0
     if not args or args[0] != "serve":
         parser.parse_args(args)  # prints help, the version, or a one-line error
         return EXIT_USAGE

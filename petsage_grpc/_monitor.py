@@ -235,6 +235,7 @@ class HealthMonitor:
 
     def _record(self, state: CheckState, error: str | None) -> None:
         check = state.check
+        was_serving = state.serving
         if error is None:
             state.consecutive_failures = 0
             state.consecutive_successes += 1
@@ -263,7 +264,7 @@ class HealthMonitor:
             check.service_name,
             ServingStatus.SERVING if state.serving else ServingStatus.NOT_SERVING,
         )
-        if first or check.critical:
+        if first or (check.critical and state.serving != was_serving):
             self._update_aggregates()
 
     def _update_aggregates(self) -> None:

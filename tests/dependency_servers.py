@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import IO, Final
 
 import pytest
+from tcp_listener import free_port
 
 __all__ = [
     "AUTH_ROLE",
@@ -76,14 +77,6 @@ DATABASE: Final = "petsage"
 _SUPERUSER: Final = "postgres"
 _OS_USER: Final = "postgres"
 """The system user PostgreSQL runs as when the tests run as root."""
-
-
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def _wait_until(

@@ -16,6 +16,7 @@ import grpc
 import pytest
 from conftest import ROOT, ServerProcess
 from grpc_health.v1 import health_pb2
+from tcp_listener import free_port
 
 from petsage_grpc import ServingStatus
 
@@ -46,14 +47,6 @@ METHODS: Final[dict[str, Kind]] = {
 }
 
 Metadata = tuple[tuple[str, str | bytes], ...]
-
-
-def free_port() -> int:
-    """Return a loopback port that nothing listened on a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 def refuses_connections(port: int) -> bool:

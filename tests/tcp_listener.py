@@ -7,7 +7,7 @@ import threading
 from types import TracebackType
 
 
-def closed_port() -> int:
+def free_port() -> int:
     """Return a loopback port that nothing listens on (it was free a moment ago)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -27,7 +27,8 @@ def refuses_connections(port: int) -> bool:
 class TcpListener:
     """Accepts connections on 127.0.0.1 on a background thread and closes each at once.
 
-    Counts accepted connections; use it as a context manager.
+    Counts accepted connections. Listens from creation until :meth:`close` (or the end
+    of a ``with`` block).
     """
 
     def __init__(self) -> None:
@@ -39,6 +40,8 @@ class TcpListener:
         self.accepted = 0
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._accept, name="tcp-listener", daemon=True)
+        self._thread.start()
+        self._closed = False
 
     @property
     def address(self) -> str:
@@ -55,8 +58,15 @@ class TcpListener:
             connection.close()
             self.accepted += 1
 
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._stopping.set()
+        self._thread.join(10)
+        self._socket.close()
+
     def __enter__(self) -> TcpListener:
-        self._thread.start()
         return self
 
     def __exit__(
@@ -65,6 +75,4 @@ class TcpListener:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        self._stopping.set()
-        self._thread.join(5)
-        self._socket.close()
+        self.close()

@@ -30,12 +30,12 @@ from hardening import (
     Outcome,
     call,
     check_request,
-    free_port,
     plaintext,
     refuses_connections,
     serve_refused,
     wait_until,
 )
+from tcp_listener import free_port
 
 from petsage_grpc import ServingStatus
 from petsage_grpc._generated.petsage.v1 import smoke_test_service_pb2

@@ -28,6 +28,7 @@ import grpc
 import pytest
 from conftest import ROOT, ServerProcess
 from grpc_health.v1 import health_pb2
+from tcp_listener import free_port
 
 from petsage_grpc import LIVENESS, ServingStatus
 from petsage_grpc._cli import main
@@ -71,13 +72,6 @@ def run_cli(*args: str, env: dict[str, str] | None = None, command: str | None =
         check=False,
     )
     return CliRun(done.returncode, done.stdout, done.stderr)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 def nothing_listens(port: int) -> bool:

@@ -21,7 +21,7 @@ import grpc
 import pytest
 from conftest import ROOT
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from tcp_listener import closed_port, refuses_connections
+from tcp_listener import free_port, refuses_connections
 
 from petsage_grpc import Check, CheckError
 from petsage_grpc._config import ConfigError, load_config
@@ -67,7 +67,7 @@ def refused(
     The server is given a specific free port so that "nothing is listening afterwards"
     can be checked on that very port.
     """
-    port = closed_port()
+    port = free_port()
     config_args = ("--config", str(config)) if use_flag else ()
     result = run_cli(*config_args, "--host", "127.0.0.1", "--port", str(port), *args, env=env)
     assert result.returncode == 2, result.stderr
@@ -346,7 +346,7 @@ def test_password_in_a_target_is_refused_and_not_echoed(
     tmp_path: Path, kind: str, target: str
 ) -> None:
     config = write(tmp_path, f'[[checks]]\nname = "dep"\nkind = "{kind}"\ntarget = "{target}"\n')
-    port = closed_port()
+    port = free_port()
     result = run_cli("--config", str(config), "--host", "127.0.0.1", "--port", str(port))
     assert result.returncode == 2
     assert PASSWORD not in result.stderr
@@ -415,7 +415,7 @@ def test_every_problem_of_one_check_is_reported_at_once(tmp_path: Path) -> None:
 
 
 def test_bad_environment_value_is_one_line_naming_the_variable() -> None:
-    port = closed_port()
+    port = free_port()
     result = run_cli(
         "--host", "127.0.0.1", "--port", str(port), env={"PETSAGE_GRPC_LOG_LEVEL": "x"}
     )
@@ -500,7 +500,7 @@ def server_file(tmp_path: Path, port: int) -> Path:
 
 
 def test_server_values_from_the_file_apply(tmp_path: Path, launch: Callable[..., Launched]) -> None:
-    file_port = closed_port()
+    file_port = free_port()
     config = server_file(tmp_path, file_port)
     server = launch("--config", str(config))
     assert (server.host, server.port) == ("127.0.0.1", file_port)
@@ -511,7 +511,7 @@ def test_server_values_from_the_file_apply(tmp_path: Path, launch: Callable[...,
 
 
 def test_environment_overrides_the_file(tmp_path: Path, launch: Callable[..., Launched]) -> None:
-    file_port, env_port = closed_port(), closed_port()
+    file_port, env_port = free_port(), free_port()
     config = server_file(tmp_path, file_port)
     server = launch("--config", str(config), env={"PETSAGE_GRPC_PORT": str(env_port)})
     assert server.port == env_port
@@ -522,7 +522,7 @@ def test_environment_overrides_the_file(tmp_path: Path, launch: Callable[..., La
 def test_flag_overrides_environment_and_file(
     tmp_path: Path, launch: Callable[..., Launched]
 ) -> None:
-    file_port, env_port, flag_port = closed_port(), closed_port(), closed_port()
+    file_port, env_port, flag_port = free_port(), free_port(), free_port()
     config = server_file(tmp_path, file_port)
     server = launch(
         "--config",
@@ -543,7 +543,7 @@ def test_flag_overrides_environment_and_file(
 def test_config_environment_variable_selects_the_file(
     tmp_path: Path, launch: Callable[..., Launched]
 ) -> None:
-    file_port = closed_port()
+    file_port = free_port()
     config = server_file(tmp_path, file_port)
     server = launch(env={"PETSAGE_GRPC_CONFIG": str(config)})
     assert server.port == file_port

@@ -27,6 +27,7 @@ from typing import Final
 
 import pytest
 from conftest import ServerProcess
+from tcp_listener import free_port
 
 SpawnServer = Callable[..., ServerProcess]
 
@@ -45,14 +46,6 @@ VERSION_MARKERS: Final = (
     version("aiohttp"),
     platform.python_version(),
 )
-
-
-def free_port() -> int:
-    """A loopback port that was free a moment ago (bound to port 0, then closed)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
 
 
 class Listener:
@@ -209,7 +202,7 @@ FAST: Final[dict[str, str | int | bool]] = {
 class HttpServer:
     server: ServerProcess
     http_port: int
-    closed_port: int
+    free_port: int
     """The port the failing check dials (nothing listens there)."""
 
 
@@ -260,7 +253,7 @@ def assert_no_secrets(body: bytes, server: HttpServer) -> None:
     text = body.decode()
     for marker in (
         "127.0.0.1",
-        str(server.closed_port),
+        str(server.free_port),
         str(server.server.port),
         *VERSION_MARKERS,
         version("petsage-grpc"),

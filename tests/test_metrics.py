@@ -20,7 +20,7 @@ import pytest
 from conftest import ROOT, ServerProcess
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
-from tcp_listener import TcpListener, closed_port, refuses_connections
+from tcp_listener import TcpListener, free_port, refuses_connections
 
 from petsage_grpc._settings import SERVER_SETTINGS
 
@@ -84,11 +84,11 @@ def served(tmp_path: Path, spawn_server: Callable[..., ServerProcess]) -> Iterat
             '[[checks]]\nname = "up"\nkind = "tcp"\n'
             f'target = "{listener.address}"\ninterval = "100ms"\ntimeout = "500ms"\n'
             '[[checks]]\nname = "down"\nkind = "tcp"\n'
-            f'target = "127.0.0.1:{closed_port()}"\ninterval = "100ms"\ntimeout = "500ms"\n'
+            f'target = "127.0.0.1:{free_port()}"\ninterval = "100ms"\ntimeout = "500ms"\n'
             "critical = false\n",
             encoding="utf-8",
         )
-        metrics_port = closed_port()
+        metrics_port = free_port()
         started = time.time()
         server = spawn_server("--config", str(config), METRICS_FLAG, str(metrics_port))
         yield Served(server, metrics_port, started)
@@ -198,7 +198,7 @@ def test_unknown_methods_share_one_label(served: Served) -> None:
 
 
 def test_metrics_port_in_use_is_refused_in_one_line() -> None:
-    grpc_port = closed_port()
+    grpc_port = free_port()
     with TcpListener() as busy:
         result = subprocess.run(
             [

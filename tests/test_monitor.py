@@ -21,7 +21,7 @@ import check_targets
 import pytest
 from aiohttp import web
 from conftest import InProcessServer, ServerProcess
-from tcp_listener import TcpListener, closed_port
+from tcp_listener import TcpListener, free_port
 
 from petsage_grpc import (
     LIVENESS,
@@ -335,14 +335,14 @@ def test_grpc_check_tracks_upstream_changes(grpc_upstream: InProcessServer) -> N
 
 
 def test_grpc_unreachable_upstream_fails() -> None:
-    check = make_check("orders", kind="grpc", target=f"127.0.0.1:{closed_port()}")
+    check = make_check("orders", kind="grpc", target=f"127.0.0.1:{free_port()}")
     outcome = run(lambda: first_outcome(check))
     assert not outcome.serving
     assert outcome.last_error is not None
 
 
 def test_grpc_failure_is_reported_on_one_line() -> None:
-    check = make_check("orders", kind="grpc", target=f"127.0.0.1:{closed_port()}")
+    check = make_check("orders", kind="grpc", target=f"127.0.0.1:{free_port()}")
     outcome = run(lambda: first_outcome(check))
     assert outcome.last_error is not None
     assert "\n" not in outcome.last_error
@@ -360,7 +360,7 @@ def test_tcp_listening_socket_passes() -> None:
 
 
 def test_tcp_closed_port_fails() -> None:
-    check = make_check("db", kind="tcp", target=f"127.0.0.1:{closed_port()}")
+    check = make_check("db", kind="tcp", target=f"127.0.0.1:{free_port()}")
     outcome = run(lambda: first_outcome(check))
     assert not outcome.serving
     assert outcome.last_error is not None

@@ -11,20 +11,19 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Any, Final
 
 import grpc
 import pytest
 from conftest import ROOT, ServerProcess
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tcp_listener import TcpListener, free_port
 
 SpawnServer = Callable[..., ServerProcess]
 
@@ -34,61 +33,6 @@ Status = health_pb2.HealthCheckResponse.ServingStatus
 SERVING: Final = Status.Value("SERVING")
 NOT_SERVING: Final = Status.Value("NOT_SERVING")
 SERVICE_UNKNOWN: Final = Status.Value("SERVICE_UNKNOWN")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
-
-
-class Listener:
-    """A TCP listener on 127.0.0.1 that accepts and closes connections until closed."""
-
-    def __init__(self) -> None:
-        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._socket.bind(("127.0.0.1", 0))
-        self._socket.listen(64)
-        self._socket.settimeout(0.05)
-        self.port: int = self._socket.getsockname()[1]
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._accept, name="listener", daemon=True)
-        self._thread.start()
-        self._closed = False
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def _accept(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                connection, _ = self._socket.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            connection.close()
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._stopping.set()
-        self._thread.join(10)
-        self._socket.close()
-
-    def __enter__(self) -> Listener:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def check_table(
@@ -252,11 +196,11 @@ def watches() -> Iterator[Callable[[Health, str], WatchRecorder]]:
 
 
 @pytest.fixture
-def listeners() -> Iterator[Callable[[], Listener]]:
-    opened: list[Listener] = []
+def listeners() -> Iterator[Callable[[], TcpListener]]:
+    opened: list[TcpListener] = []
 
-    def open_listener() -> Listener:
-        listener = Listener()
+    def open_listener() -> TcpListener:
+        listener = TcpListener()
         opened.append(listener)
         return listener
 
@@ -270,7 +214,7 @@ def test_sighup_adds_removes_and_changes_checks(
     spawn_server: SpawnServer,
     health_client: Callable[[str], Health],
     watches: Callable[[Health, str], WatchRecorder],
-    listeners: Callable[[], Listener],
+    listeners: Callable[[], TcpListener],
 ) -> None:
     keep_dependency, shared = listeners(), listeners()
     config = tmp_path / "petsage.toml"
@@ -335,7 +279,7 @@ def test_invalid_file_keeps_the_running_configuration(
     tmp_path: Path,
     spawn_server: SpawnServer,
     health_client: Callable[[str], Health],
-    listeners: Callable[[], Listener],
+    listeners: Callable[[], TcpListener],
 ) -> None:
     keep_dependency, shared = listeners(), listeners()
     config = tmp_path / "petsage.toml"
@@ -387,7 +331,7 @@ def test_config_poll_picks_up_an_edit_without_sighup(
     tmp_path: Path,
     spawn_server: SpawnServer,
     health_client: Callable[[str], Health],
-    listeners: Callable[[], Listener],
+    listeners: Callable[[], TcpListener],
 ) -> None:
     dependency = listeners()
     config = tmp_path / "petsage.toml"
@@ -419,7 +363,7 @@ def test_startup_stays_serving_when_a_reload_adds_a_critical_check(
     spawn_server: SpawnServer,
     health_client: Callable[[str], Health],
     watches: Callable[[Health, str], WatchRecorder],
-    listeners: Callable[[], Listener],
+    listeners: Callable[[], TcpListener],
 ) -> None:
     dependency = listeners()
     config = tmp_path / "petsage.toml"

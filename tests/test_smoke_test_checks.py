@@ -16,7 +16,7 @@ import grpc
 import pytest
 from conftest import ServerProcess
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from tcp_listener import TcpListener, closed_port
+from tcp_listener import TcpListener, free_port
 
 from petsage_grpc._generated.petsage.v1 import smoke_test_service_pb2
 from petsage_grpc._smoke_test import SMOKE_TEST_MESSAGE
@@ -50,7 +50,7 @@ def deploy(
     with TcpListener() as listener:
 
         def start(extra: str) -> Deployment:
-            down_port = closed_port()
+            down_port = free_port()
             entries = {
                 "db-up": (listener.address, True),
                 "cache-down": (f"127.0.0.1:{down_port}", False),
@@ -146,7 +146,7 @@ def test_refusal_names_no_check_while_a_critical_one_fails(
     config = tmp_path / "petsage.toml"
     config.write_text(
         '[[checks]]\nname = "db-down"\nkind = "tcp"\n'
-        f'target = "127.0.0.1:{closed_port()}"\ninterval = "100ms"\ntimeout = "500ms"\n',
+        f'target = "127.0.0.1:{free_port()}"\ninterval = "100ms"\ntimeout = "500ms"\n',
         encoding="utf-8",
     )
     server = spawn_server("--config", str(config))

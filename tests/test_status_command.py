@@ -13,7 +13,6 @@ import pty
 import queue
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,13 +20,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Final
 
 import grpc
 import pytest
 from conftest import ROOT, ServerProcess
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tcp_listener import TcpListener, free_port
 
 SpawnServer = Callable[..., ServerProcess]
 
@@ -38,61 +37,6 @@ TOKEN: Final = "petsage-status-token-3b9d"  # noqa: S105 - a test token
 SMOKE_OK_LINE: Final = "smoke test: ok: PetSage system is alive and purring."
 ANSI: Final = re.compile(r"\x1b\[")
 STANDARD_NAMES: Final = ("", "liveness", "readiness", "startup", "petsage.v1.SmokeTestService")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
-
-
-class Listener:
-    """A TCP listener on 127.0.0.1 that accepts and closes connections until closed."""
-
-    def __init__(self) -> None:
-        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._socket.bind(("127.0.0.1", 0))
-        self._socket.listen(64)
-        self._socket.settimeout(0.05)
-        self.port: int = self._socket.getsockname()[1]
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._accept, name="listener", daemon=True)
-        self._thread.start()
-        self._closed = False
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def _accept(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                connection, _ = self._socket.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            connection.close()
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._stopping.set()
-        self._thread.join(10)
-        self._socket.close()
-
-    def __enter__(self) -> Listener:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def status_env() -> dict[str, str]:
@@ -179,8 +123,8 @@ def check_table(name: str, target: str, *, critical: bool = True) -> str:
 
 
 @pytest.fixture
-def listener() -> Iterator[Listener]:
-    with Listener() as running:
+def listener() -> Iterator[TcpListener]:
+    with TcpListener() as running:
         yield running
 
 
@@ -198,7 +142,7 @@ def config_file(tmp_path: Path) -> Callable[[str], str]:
 
 
 def test_table_lists_every_name_and_the_smoke_test(
-    spawn_server: SpawnServer, listener: Listener, config_file: Callable[[str], str]
+    spawn_server: SpawnServer, listener: TcpListener, config_file: Callable[[str], str]
 ) -> None:
     server = spawn_server("--config", config_file(check_table("up", listener.address)))
     wait_for(server.address, "check.up", "SERVING")
@@ -257,7 +201,7 @@ def test_colours_only_on_a_terminal(spawn_server: SpawnServer) -> None:
 
 
 def test_json_has_services_and_smoke_test(
-    spawn_server: SpawnServer, listener: Listener, config_file: Callable[[str], str]
+    spawn_server: SpawnServer, listener: TcpListener, config_file: Callable[[str], str]
 ) -> None:
     server = spawn_server("--config", config_file(check_table("up", listener.address)))
     wait_for(server.address, "check.up", "SERVING")
@@ -404,7 +348,7 @@ def watch_status() -> Iterator[Callable[..., Watching]]:
 
 def test_watch_prints_a_transition_and_stops_on_sigint(
     spawn_server: SpawnServer,
-    listener: Listener,
+    listener: TcpListener,
     config_file: Callable[[str], str],
     watch_status: Callable[..., Watching],
 ) -> None:
@@ -433,7 +377,7 @@ def test_watch_prints_a_transition_and_stops_on_sigint(
 def test_watch_picks_up_names_added_by_a_reload(
     tmp_path: Path,
     spawn_server: SpawnServer,
-    listener: Listener,
+    listener: TcpListener,
     watch_status: Callable[..., Watching],
 ) -> None:
     config = tmp_path / "petsage.toml"

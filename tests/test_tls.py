@@ -34,13 +34,13 @@ from hardening import (
     call,
     check_request,
     check_status,
-    free_port,
     plaintext,
     refuses_connections,
     run_cli,
     serve_refused,
     wait_until,
 )
+from tcp_listener import free_port
 
 from petsage_grpc import ServingStatus
 
