@@ -78,6 +78,7 @@ from typing import Any, Final
 
 import grpc
 from grpc_health.v1 import health_pb2
+from soak_server import GcPauses  # scripts/ is on sys.path: this script's own folder
 
 from petsage_grpc import LIVENESS, OVERALL, READINESS, SMOKE_TEST_SERVICE, STARTUP, ServingStatus
 from petsage_grpc._generated.petsage.v1 import smoke_test_service_pb2
@@ -286,32 +287,6 @@ class Tally:
     def lose(self, kind: str, text: str) -> None:
         self.lost[kind] += 1
         self.error(f"lost transition ({kind})", text)
-
-
-class GcPauses:
-    """Full (generation 2) garbage collections in this process: count, longest, latest."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.max_ms = 0.0
-        self.max_cpu_ms = 0.0
-        self.recent: deque[tuple[float, float]] = deque(maxlen=64)  # (end monotonic, ms)
-        self._started = 0.0
-        self._started_cpu = 0.0
-
-    def __call__(self, phase: str, info: dict[str, int]) -> None:
-        if info.get("generation") != 2:
-            return
-        if phase == "start":
-            self._started = time.perf_counter()
-            self._started_cpu = time.thread_time()
-            return
-        pause_ms = (time.perf_counter() - self._started) * 1000
-        self.count += 1
-        self.max_ms = max(self.max_ms, pause_ms)
-        # Wall time includes being preempted on a busy machine; thread time does not.
-        self.max_cpu_ms = max(self.max_cpu_ms, (time.thread_time() - self._started_cpu) * 1000)
-        self.recent.append((time.monotonic(), round(pause_ms, 3)))
 
 
 CLIENT_GC: Final = GcPauses()
