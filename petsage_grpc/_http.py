@@ -25,9 +25,8 @@ from typing import Final
 from aiohttp import web
 
 from petsage_grpc._auth import BearerToken
-from petsage_grpc._check import CHECK_PREFIX
 from petsage_grpc._metrics import Metrics
-from petsage_grpc._smoke_test import NOT_SERVING_DETAILS, SMOKE_TEST_MESSAGE
+from petsage_grpc._smoke_test import NOT_SERVING_DETAILS, SMOKE_TEST_MESSAGE, check_states
 from petsage_grpc._status import (
     LIVENESS,
     READINESS,
@@ -130,11 +129,8 @@ class HttpFace:
             serving = self._board.get(service) is ServingStatus.SERVING
             lines = []
             if "verbose" in request.query and self._may_see_checks(request):
-                for name, status in sorted(self._board.snapshot().items()):
-                    if name.startswith(CHECK_PREFIX):
-                        ok = status is ServingStatus.SERVING
-                        mark, word = ("+", "ok") if ok else ("-", "failed")
-                        lines.append(f"[{mark}]{name.removeprefix(CHECK_PREFIX)} {word}")
+                for name, ok in sorted(check_states(self._board).items()):
+                    lines.append(f"[+]{name} ok" if ok else f"[-]{name} failed")
             lines.append(f"{request.path.strip('/')} {'ok' if serving else 'failed'}")
             return _plain(200 if serving else 503, "\n".join(lines) + "\n")
 

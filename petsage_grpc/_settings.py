@@ -6,12 +6,12 @@ wins over the ``[server]`` table of the configuration file, which wins over the 
 
 from __future__ import annotations
 
-import math
+import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from petsage_grpc._durations import parse_go_duration
+from petsage_grpc._durations import parse_duration
 
 __all__ = ["ENV_PREFIX", "SERVER_SETTINGS", "Setting", "resolve_settings"]
 
@@ -32,18 +32,11 @@ def _port(value: object) -> int:
 
 def _seconds(value: object) -> float:
     """A number of seconds ("5", 5, 2.5) or a Go duration ("500ms")."""
-    if isinstance(value, bool):
-        raise ValueError(f"not a number of seconds: {value!r}")
-    try:
-        seconds = float(value) if isinstance(value, int | float) else float(str(value))
-    except ValueError:
-        try:
-            seconds = parse_go_duration(str(value).strip())
-        except ValueError:
-            raise ValueError(f"not a number of seconds or a duration: {value!r}") from None
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ValueError(f"seconds must be a finite number >= 0, not {value!r}")
-    return seconds
+    if isinstance(value, str):
+        # Flags and environment variables are text; a bare number there means seconds.
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    return parse_duration(value)
 
 
 def _choice(*choices: str) -> Callable[[object], str]:

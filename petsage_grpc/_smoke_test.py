@@ -13,7 +13,7 @@ from petsage_grpc._generated.petsage.v1 import smoke_test_service_pb2
 from petsage_grpc._registration import one_request, register_service
 from petsage_grpc._status import SMOKE_TEST_SERVICE, ServingStatus, StatusBoard
 
-__all__ = ["NOT_SERVING_DETAILS", "SMOKE_TEST_MESSAGE", "add_smoke_test_service"]
+__all__ = ["NOT_SERVING_DETAILS", "SMOKE_TEST_MESSAGE", "add_smoke_test_service", "check_states"]
 
 SMOKE_TEST_MESSAGE: Final = "PetSage system is alive and purring."
 # Public: the refusal is fixed text that names no host, dependency or error.
@@ -23,6 +23,15 @@ _SERVICE_NAME: Final = smoke_test_service_pb2.DESCRIPTOR.services_by_name[
     "SmokeTestService"
 ].full_name
 assert _SERVICE_NAME == SMOKE_TEST_SERVICE  # noqa: S101 - the proto and the board must agree
+
+
+def check_states(board: StatusBoard) -> dict[str, bool]:
+    """Each dependency check on *board* (``check.<name>``): its name and whether it passes."""
+    return {
+        name.removeprefix(CHECK_PREFIX): status is ServingStatus.SERVING
+        for name, status in board.snapshot().items()
+        if name.startswith(CHECK_PREFIX)
+    }
 
 
 def _answer(checks: dict[str, bool]) -> bytes:
@@ -55,11 +64,7 @@ class _SmokeTestServicer:
             return self._plain
         if self._auth is not None and not self._auth.allows(context.invocation_metadata()):
             return self._plain
-        checks = {
-            name.removeprefix(CHECK_PREFIX): status is ServingStatus.SERVING
-            for name, status in self._board.snapshot().items()
-            if name.startswith(CHECK_PREFIX)
-        }
+        checks = check_states(self._board)
         return _answer(checks) if checks else self._plain
 
 
