@@ -53,16 +53,17 @@ class InProcessServer:
 
 @pytest.fixture
 def start_server() -> Iterator[Callable[..., InProcessServer]]:
-    """Start in-process servers (``add_to_server`` keyword arguments pass through)."""
+    """Start in-process servers (``compression`` sets the server's default; the other
+    keyword arguments pass through to ``add_to_server``)."""
     started: list[tuple[InProcessServer, threading.Thread]] = []
 
-    def start(**kwargs: Any) -> InProcessServer:
+    def start(*, compression: grpc.Compression | None = None, **kwargs: Any) -> InProcessServer:
         loop = asyncio.new_event_loop()
         thread = threading.Thread(target=loop.run_forever, name="grpc-server", daemon=True)
         thread.start()
 
         async def build() -> InProcessServer:
-            server = grpc.aio.server(options=SERVER_OPTIONS)
+            server = grpc.aio.server(options=SERVER_OPTIONS, compression=compression)
             board = add_to_server(server, **kwargs)
             port = server.add_insecure_port("127.0.0.1:0")
             await server.start()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import queue
 import threading
@@ -24,8 +23,6 @@ from petsage_grpc import (
     SMOKE_TEST_SERVICE,
     HealthLimits,
     ServingStatus,
-    StatusBoard,
-    add_to_server,
 )
 
 SERVING = ServingStatus.SERVING
@@ -498,27 +495,9 @@ def test_limits_must_be_positive() -> None:
 
 
 @pytest.fixture
-def gzip_server() -> Iterator[InProcessServer]:
+def gzip_server(start_server: Callable[..., InProcessServer]) -> InProcessServer:
     """A server whose default is to gzip responses (when the client accepts gzip)."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="grpc-gzip-server", daemon=True)
-    thread.start()
-
-    async def build() -> InProcessServer:
-        server = grpc.aio.server(compression=grpc.Compression.Gzip)
-        board = add_to_server(server, board=StatusBoard())
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        return InProcessServer(port=port, board=board, server=server, loop=loop)
-
-    running = asyncio.run_coroutine_threadsafe(build(), loop).result(30)
-    try:
-        yield running
-    finally:
-        running.run(running.server.stop(None))
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
+    return start_server(compression=grpc.Compression.Gzip)
 
 
 def test_health_answers_a_gzip_client_of_a_gzip_server(gzip_server: InProcessServer) -> None:

@@ -6,13 +6,10 @@ uncompressed message that parses with status SERVING, and ends with grpc-status 
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import struct
-import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -26,7 +23,7 @@ from conftest import InProcessServer
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
-from petsage_grpc import READINESS, SMOKE_TEST_SERVICE, ServingStatus, StatusBoard, add_to_server
+from petsage_grpc import READINESS, SMOKE_TEST_SERVICE, ServingStatus
 
 IO_TIMEOUT: Final = 5.0
 CLUSTER: Final = "petsage-backend-cluster"
@@ -179,30 +176,6 @@ def assert_single_uncompressed_status(response: RawResponse) -> ServingStatus:
 # -- servers --------------------------------------------------------------------
 
 
-@contextmanager
-def gzip_server() -> Iterator[InProcessServer]:
-    """A server that gzips responses by default whenever the client accepts gzip."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="grpc-gzip-server", daemon=True)
-    thread.start()
-
-    async def build() -> InProcessServer:
-        server = grpc.aio.server(compression=grpc.Compression.Gzip)
-        board = add_to_server(server, board=StatusBoard())
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        return InProcessServer(port=port, board=board, server=server, loop=loop)
-
-    running = asyncio.run_coroutine_threadsafe(build(), loop).result(30)
-    try:
-        yield running
-    finally:
-        running.run(running.server.stop(None))
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
-
-
 GZIP_ACCEPTED: Final = (("grpc-accept-encoding", "gzip"),)
 
 
@@ -220,8 +193,7 @@ def target(
     if request.param == "plain":
         yield Target(start_server(), ())
     else:
-        with gzip_server() as server:
-            yield Target(server, GZIP_ACCEPTED)
+        yield Target(start_server(compression=grpc.Compression.Gzip), GZIP_ACCEPTED)
 
 
 # -- Check ------------------------------------------------------------------------
@@ -334,24 +306,26 @@ def test_watch_first_message_is_not_compressed(target: Target) -> None:
     assert status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_gzip_server_does_compress_what_health_does_not() -> None:
+def test_gzip_server_does_compress_what_health_does_not(
+    start_server: Callable[..., InProcessServer],
+) -> None:
     """The control for the tests above: the gzip server really compresses other responses."""
     request = reflection_pb2.ServerReflectionRequest(
         file_containing_symbol="grpc.reflection.v1alpha.ServerReflection"
     )
-    with gzip_server() as server:
-        response = grpc_over_h2(
-            server.port,
-            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
-            frame(request.SerializeToString()),
-            extra_headers=GZIP_ACCEPTED,
-        )
-        assert response.headers[":status"] == "200"
-        assert response.grpc_status == "0"
-        assert response.headers.get("grpc-encoding") == "gzip"
-        ((flag, _),) = response.messages
-        assert flag == 1
+    server = start_server(compression=grpc.Compression.Gzip)
+    response = grpc_over_h2(
+        server.port,
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        frame(request.SerializeToString()),
+        extra_headers=GZIP_ACCEPTED,
+    )
+    assert response.headers[":status"] == "200"
+    assert response.grpc_status == "0"
+    assert response.headers.get("grpc-encoding") == "gzip"
+    ((flag, _),) = response.messages
+    assert flag == 1
 
-        # On that same server, with the same request headers, Check stays uncompressed.
-        check = grpc_over_h2(server.port, CHECK, EMPTY_MESSAGE, extra_headers=GZIP_ACCEPTED)
-        assert assert_single_uncompressed_status(check) is ServingStatus.SERVING
+    # On that same server, with the same request headers, Check stays uncompressed.
+    check = grpc_over_h2(server.port, CHECK, EMPTY_MESSAGE, extra_headers=GZIP_ACCEPTED)
+    assert assert_single_uncompressed_status(check) is ServingStatus.SERVING
