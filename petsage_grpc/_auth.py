@@ -5,8 +5,6 @@ Check and Watch never ask for it: the kubelet and load balancers cannot send cre
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 from collections.abc import Iterable
 from typing import Final
 
@@ -16,7 +14,16 @@ UNAUTHENTICATED_DETAILS: Final = "missing or invalid bearer token"
 
 
 def _digest(value: bytes) -> bytes:
+    # hashlib and hmac load OpenSSL's libcrypto (about 0.7 MiB): only servers with a token.
+    import hashlib  # noqa: PLC0415
+
     return hashlib.sha256(value).digest()
+
+
+def _equal(left: bytes, right: bytes) -> bool:
+    import hmac  # noqa: PLC0415
+
+    return hmac.compare_digest(left, right)
 
 
 class BearerToken:
@@ -64,6 +71,6 @@ class BearerToken:
                 raw = value if isinstance(value, bytes) else value.encode()
                 scheme, _, token = raw.strip().partition(b" ")
                 # The scheme is case-insensitive (RFC 9110); the token is compared whole.
-                matches = hmac.compare_digest(_digest(token.strip()), self._expected)
+                matches = _equal(_digest(token.strip()), self._expected)
                 return scheme.lower() == b"bearer" and matches
         return False

@@ -111,13 +111,17 @@ def _serve_options(values: Mapping[str, Any], config: Config) -> ServeOptions:
     from petsage_grpc._auth import BearerToken  # noqa: PLC0415
     from petsage_grpc._health import HealthLimits  # noqa: PLC0415
     from petsage_grpc._server import ServeOptions  # noqa: PLC0415
-    from petsage_grpc._tls import TlsFiles  # noqa: PLC0415
 
     cert, key, client_ca = values["tls_cert"], values["tls_key"], values["tls_client_ca"]
     if (cert is None) != (key is None):
         raise ValueError("--tls-cert and --tls-key go together")
     if client_ca is not None and cert is None:
         raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+    tls = None
+    if cert is not None:
+        from petsage_grpc._tls import TlsFiles  # noqa: PLC0415
+
+        tls = TlsFiles(cert=cert, key=key, client_ca=client_ca)
     token = config.auth_token
     if values["auth_token_file"] is not None:
         token = BearerToken.read_file(values["auth_token_file"])
@@ -128,7 +132,7 @@ def _serve_options(values: Mapping[str, Any], config: Config) -> ServeOptions:
         grace_seconds=values["grace_seconds"],
         http_port=values["http_port"],
         probe_port=values["probe_port"],
-        tls=None if cert is None else TlsFiles(cert=cert, key=key, client_ca=client_ca),
+        tls=tls,
         auth_token=token,
         protect_reflection=config.protect_reflection,
         limits=HealthLimits(

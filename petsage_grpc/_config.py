@@ -7,7 +7,6 @@ with the file, the key and what is wrong.
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -52,6 +51,9 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     Raises:
         ConfigError: the file cannot be read or parsed, or holds invalid values.
     """
+    # Here, not at the top: a server started without a file never loads the parser.
+    import tomllib  # noqa: PLC0415
+
     where = str(path)
     try:
         with open(path, "rb") as file:

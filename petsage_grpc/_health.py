@@ -7,6 +7,7 @@ grpcio-health-checking's ``health_pb2``, the one copy of health.proto in the pro
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -103,19 +104,28 @@ class _HealthServicer:
             service = self._service_name(request)
         except _BadRequestError as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        peer = context.peer()
+        # Interned: every stream of a connection then holds the one copy of its peer
+        # string, the one that also keys the per-connection count.
+        peer = sys.intern(context.peer())
         if self._watches >= self._limits.max_watch_streams:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many Watch streams")
         if self._watches_by_peer[peer] >= self._limits.max_watch_streams_per_connection:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED, "too many Watch streams on this connection"
             )
+        watcher = self._board.subscribe(service)
+        if watcher is None:
+            return  # the server is stopping
         self._watches += 1
         self._watches_by_peer[peer] += 1
         try:
-            async for status in self._board.watch(service):
+            # The board's watcher, not its watch() generator: one generator per stream
+            # (this one) instead of two.
+            status: ServingStatus | None = None
+            while (status := await watcher.next(status)) is not None:
                 yield _RESPONSES[status]
         finally:
+            self._board.unsubscribe(service, watcher)
             self._watches -= 1
             self._watches_by_peer[peer] -= 1
             if not self._watches_by_peer[peer]:

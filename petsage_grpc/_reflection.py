@@ -5,26 +5,29 @@ first. The two protocols are wire-identical (same messages, fields and numbers; 
 package differs), so one grpcio-reflection servicer answers both. So that clients can
 also *describe* the v1 service, its file descriptor is derived once from v1alpha's and
 added to the default descriptor pool.
+
+Reflection is for people with grpcurl, not for probes: grpcio-reflection and the
+descriptor machinery (about 0.7 MiB) are loaded by the first reflection call, not by
+every pod at start-up.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
-from typing import Any, Final
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from typing import TYPE_CHECKING, Any, Final
 
 import grpc
-from google.protobuf import descriptor_pool
-from google.protobuf.descriptor_pb2 import FileDescriptorProto
-from google.protobuf.message import DecodeError
-from grpc_reflection.v1alpha import reflection_pb2
-from grpc_reflection.v1alpha._async import ReflectionServicer
+from google.protobuf.message import DecodeError, Message
 
 from petsage_grpc._auth import UNAUTHENTICATED_DETAILS, BearerToken
 from petsage_grpc._registration import register_service
 
+if TYPE_CHECKING:
+    from grpc_reflection.v1alpha._async import ReflectionServicer
+
 __all__ = ["REFLECTION_SERVICES", "add_reflection_service"]
 
-_V1ALPHA_PACKAGE: Final = reflection_pb2.DESCRIPTOR.package
+_V1ALPHA_PACKAGE: Final = "grpc.reflection.v1alpha"
 _V1_PACKAGE: Final = "grpc.reflection.v1"
 _SERVICE: Final = "ServerReflection"
 REFLECTION_SERVICES: Final = (f"{_V1_PACKAGE}.{_SERVICE}", f"{_V1ALPHA_PACKAGE}.{_SERVICE}")
@@ -32,6 +35,10 @@ REFLECTION_SERVICES: Final = (f"{_V1_PACKAGE}.{_SERVICE}", f"{_V1ALPHA_PACKAGE}.
 
 def _ensure_v1_descriptor() -> None:
     """Add ``grpc/reflection/v1/reflection.proto`` to the default pool, derived from v1alpha."""
+    from google.protobuf import descriptor_pool  # noqa: PLC0415
+    from google.protobuf.descriptor_pb2 import FileDescriptorProto  # noqa: PLC0415
+    from grpc_reflection.v1alpha import reflection_pb2  # noqa: PLC0415
+
     pool = descriptor_pool.Default()
     name = "grpc/reflection/v1/reflection.proto"
     try:
@@ -57,21 +64,34 @@ def _ensure_v1_descriptor() -> None:
     pool.AddSerializedFile(proto.SerializeToString())
 
 
-_Behaviour = Callable[[Any, Any], AsyncIterable[Any]]
-
-
-def _guarded(behaviour: _Behaviour, auth: BearerToken | None) -> _Behaviour:
-    """Check the token first, then parse each request here.
+class _Reflection:
+    """grpcio-reflection's servicer behind a token check and our own request parsing.
 
     grpcio would answer a malformed request with UNKNOWN and its exception text, and
-    log a traceback for it.
+    log a traceback for it. The servicer is built by the first call.
     """
 
-    async def guarded(
-        requests: AsyncIterable[bytes], context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[Any]:
-        if auth is not None and not auth.allows(context.invocation_metadata()):
+    def __init__(self, listed: list[str], auth: BearerToken | None) -> None:
+        self._listed = listed
+        self._auth = auth
+        self._servicer: ReflectionServicer | None = None
+
+    def _loaded(self) -> ReflectionServicer:
+        if self._servicer is None:
+            from grpc_reflection.v1alpha._async import ReflectionServicer  # noqa: PLC0415
+
+            _ensure_v1_descriptor()
+            self._servicer = ReflectionServicer(self._listed)
+        return self._servicer
+
+    async def serve(
+        self, requests: AsyncIterable[bytes], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Message]:
+        if self._auth is not None and not self._auth.allows(context.invocation_metadata()):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_DETAILS)
+        from grpc_reflection.v1alpha import reflection_pb2  # noqa: PLC0415
+
+        servicer = self._loaded()
 
         async def parsed() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
             async for raw in requests:
@@ -82,10 +102,12 @@ def _guarded(behaviour: _Behaviour, auth: BearerToken | None) -> _Behaviour:
                         grpc.StatusCode.INVALID_ARGUMENT, "malformed ServerReflectionRequest"
                     )
 
-        async for response in behaviour(parsed(), context):
+        async for response in servicer.ServerReflectionInfo(parsed(), context):
             yield response
 
-    return guarded
+
+def _serialize(message: Message) -> bytes:
+    return message.SerializeToString()
 
 
 def add_reflection_service(
@@ -96,12 +118,9 @@ def add_reflection_service(
     With *auth*, every reflection call requires the bearer token (UNAUTHENTICATED
     otherwise). A request that does not parse ends the call with INVALID_ARGUMENT.
     """
-    _ensure_v1_descriptor()
-    listed = sorted({*service_names, *REFLECTION_SERVICES})
-    servicer = ReflectionServicer(listed)
-    handler: grpc.RpcMethodHandler[bytes, Any] = grpc.stream_stream_rpc_method_handler(
-        _guarded(servicer.ServerReflectionInfo, auth),
-        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    reflection = _Reflection(sorted({*service_names, *REFLECTION_SERVICES}), auth)
+    handler: grpc.RpcMethodHandler[bytes, Message] = grpc.stream_stream_rpc_method_handler(
+        reflection.serve, response_serializer=_serialize
     )
     for service in REFLECTION_SERVICES:
         register_service(server, service, {"ServerReflectionInfo": handler})

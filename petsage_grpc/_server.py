@@ -21,14 +21,14 @@ from petsage_grpc._drain import graceful_stop
 from petsage_grpc._embed import add_to_server
 from petsage_grpc._health import HealthLimits
 from petsage_grpc._monitor import HealthMonitor
-from petsage_grpc._reload import ConfigReloader
 from petsage_grpc._status import StatusBoard
-from petsage_grpc._tls import TlsError, TlsFiles, server_credentials
 
 __all__ = ["SERVER_OPTIONS", "ListenError", "ServeOptions", "format_address", "serve"]
 
 if TYPE_CHECKING:
     from petsage_grpc._http import HttpFace
+    from petsage_grpc._reload import ConfigReloader
+    from petsage_grpc._tls import TlsFiles
 
 _log = logging.getLogger("petsage_grpc.server")
 
@@ -114,10 +114,11 @@ def _bind_problem(host: str, port: int) -> str | None:
     grpc core only reports that binding failed (and logs it to stderr), so the address
     is tried with a plain socket first, set up as grpc sets up its listeners.
     """
+    # A str host goes through Python's idna codec (and loads unicodedata, 0.5 MiB that
+    # stays for the life of the process); an ASCII name needs no encoding.
+    node: str | bytes | None = (host.encode() if host.isascii() else host) or None
     try:
-        infos = socket.getaddrinfo(
-            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
+        infos = socket.getaddrinfo(node, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror:
         return f"host {host!r} cannot be resolved"
     bindable = False
@@ -161,10 +162,16 @@ def _check_addresses(options: ServeOptions) -> None:
 
 
 async def _assemble(options: ServeOptions, board: StatusBoard) -> _Assembly:
-    try:
-        credentials = None if options.tls is None else server_credentials(options.tls)
-    except TlsError as error:
-        raise ListenError(str(error)) from None
+    credentials = None
+    if options.tls is not None:
+        # Loaded only when used, like the HTTP face below: every module costs start-up
+        # time and idle memory in every pod.
+        from petsage_grpc._tls import TlsError, server_credentials  # noqa: PLC0415
+
+        try:
+            credentials = server_credentials(options.tls)
+        except TlsError as error:
+            raise ListenError(str(error)) from None
     monitor = HealthMonitor(board, options.checks)
     metrics = http = None
     if options.http_port is not None:
@@ -263,6 +270,8 @@ async def serve(
         if on_listening is not None:
             on_listening(parts.port)
         if options.config_path is not None:
+            from petsage_grpc._reload import ConfigReloader  # noqa: PLC0415
+
             signals.reloader = ConfigReloader(options.config_path, parts.monitor)
             if options.config_poll_seconds > 0:
                 polling = asyncio.create_task(signals.reloader.poll(options.config_poll_seconds))

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import gc
 import logging
 import threading
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Final, NamedTuple
 
 __all__ = [
@@ -60,6 +61,10 @@ def _settable(status: ServingStatus) -> ServingStatus:
     return status
 
 
+_GC_PAUSE_WATCHERS: Final = 64
+"""Waking this many watchers at once pauses garbage collection for the burst (see _wake)."""
+
+
 class _Closed:
     """Marks a watch stream that the board has ended."""
 
@@ -71,20 +76,53 @@ class _Watcher:
     """One Watch stream's mailbox: a single slot that always holds the latest status.
 
     A slow reader therefore never builds a backlog: it sees the newest status when it
-    next looks, and the board never waits for it.
+    next looks, and the board never waits for it. It waits on a bare future rather
+    than an ``asyncio.Event`` (whose waiter deque alone is 0.6 KiB): with tens of
+    thousands of streams open, these few slots are most of what a stream costs here.
     """
 
-    __slots__ = ("event", "latest", "loop")
+    __slots__ = ("latest", "loop", "waiter")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, latest: ServingStatus) -> None:
         self.loop = loop
-        self.event = asyncio.Event()
         self.latest: ServingStatus | _Closed = latest
+        self.waiter: asyncio.Future[None] | None = None
+
+    def wake(self) -> None:
+        """Let :meth:`next` look again. On the watcher's own loop only."""
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def next(self, sent: ServingStatus | None) -> ServingStatus | None:
+        """Wait until the latest status differs from *sent* and return it; None once closed."""
+        while True:
+            latest = self.latest
+            if isinstance(latest, _Closed):
+                return None
+            if latest is not sent:
+                return latest
+            self.waiter = self.loop.create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
 
 
-def _wake(watchers: Iterable[_Watcher]) -> None:
+def _wake(watchers: Sequence[_Watcher]) -> None:
+    """Wake *watchers*, all of the running loop.
+
+    Every woken stream allocates its send before the first of them completes, and with
+    thousands of streams open that burst trips a full collection of the whole heap
+    (0.1-0.3 s at 10 000 streams) in the middle of the fan-out. So a large burst runs
+    with the collector paused: the streams' handlers run in this loop iteration,
+    queued ahead of the call that resumes collection (docs/benchmarks.md).
+    """
     for watcher in watchers:
-        watcher.event.set()
+        watcher.wake()
+    if len(watchers) >= _GC_PAUSE_WATCHERS and gc.isenabled():
+        gc.disable()
+        watchers[0].loop.call_soon(gc.enable)
 
 
 def _wake_all(watchers: Iterable[_Watcher]) -> None:
@@ -100,7 +138,7 @@ def _wake_all(watchers: Iterable[_Watcher]) -> None:
         if loop is running:
             _wake(group)
         elif not loop.is_closed():
-            # asyncio.Event is not thread-safe; one hop per loop, not per watcher.
+            # Futures are not thread-safe; one hop per loop, not per watcher.
             loop.call_soon_threadsafe(_wake, group)
 
 
@@ -272,33 +310,42 @@ class StatusBoard:
         backlog, and never the same status twice in a row. Leaving the loop (or being
         cancelled) unsubscribes this watcher only.
         """
+        watcher = self.subscribe(service)
+        if watcher is None:
+            return
+        try:
+            status: ServingStatus | None = None
+            while (status := await watcher.next(status)) is not None:
+                yield status
+        finally:
+            self.unsubscribe(service, watcher)
+
+    def subscribe(self, service: str) -> _Watcher | None:
+        """:meth:`watch` without the generator, for a server's own streaming handler.
+
+        Returns a watcher whose ``await next(sent)`` returns the first status that is
+        not *sent* (pass None at first), or None once the board has ended watches; or
+        None at once if watches are ended already. Pair every call with
+        :meth:`unsubscribe`, in a ``finally``.
+        """
         with self._lock:
             if self._watches_closed:
-                return
+                return None
             watcher = _Watcher(
                 asyncio.get_running_loop(),
                 self._reported.get(service, ServingStatus.SERVICE_UNKNOWN),
             )
             self._watchers.setdefault(service, set()).add(watcher)
-        try:
-            sent: ServingStatus | None = None
-            while True:
-                watcher.event.clear()
-                latest = watcher.latest
-                if isinstance(latest, _Closed):
-                    return
-                if latest is not sent:
-                    sent = latest
-                    yield latest
-                else:
-                    await watcher.event.wait()
-        finally:
-            with self._lock:
-                group = self._watchers.get(service)
-                if group is not None:
-                    group.discard(watcher)
-                    if not group:
-                        del self._watchers[service]
+        return watcher
+
+    def unsubscribe(self, service: str, watcher: _Watcher) -> None:
+        """Forget a watcher that :meth:`subscribe` returned for *service*."""
+        with self._lock:
+            group = self._watchers.get(service)
+            if group is not None:
+                group.discard(watcher)
+                if not group:
+                    del self._watchers[service]
 
     def close_watches(self) -> None:
         """End every open :meth:`watch` and refuse new ones until :meth:`resume`.
