@@ -541,3 +541,56 @@ def test_main_version(capsys: pytest.CaptureFixture[str]) -> None:
 def test_main_probe_returns_its_exit_code(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["probe"], environ={}) == 1
     assert "error: -addr not specified" in capsys.readouterr().err
+
+
+# -- what a default server loads ----------------------------------------------------
+
+# Every pod pays start-up time and idle memory for each module; these serve features a
+# default server does not use, so they load only when the feature does.
+LOADED_ON_USE: Final = (
+    "tomllib",  # --config
+    "petsage_grpc._tls",  # --tls-cert
+    "petsage_grpc._reload",  # --config
+    "hashlib",  # a bearer token (with hmac: OpenSSL's libcrypto)
+    "hmac",
+    "grpc_reflection.v1alpha._async",  # the first reflection call
+    "google.protobuf.descriptor_pb2",
+    "unicodedata",  # the idna codec, for a non-ASCII --host
+    "random",  # dependency checks' jitter
+    "aiohttp",  # --http-port
+    "prometheus_client",
+)
+_REPORT_LOADED = """
+import json, os, signal, socket, sys, threading, time
+from petsage_grpc._cli import main
+
+port, names = int(sys.argv[1]), sys.argv[2:]
+
+def report_once_listening():
+    while True:
+        try:
+            # bytes: a str host would load unicodedata (the idna codec) in this process.
+            socket.create_connection((b"127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.01)
+    print(json.dumps(sorted(n for n in names if n in sys.modules)), flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+threading.Thread(target=report_once_listening, daemon=True).start()
+sys.exit(main(["serve", "--host", "127.0.0.1", "--port", str(port),
+               "--drain-seconds", "0", "--grace-seconds", "0"]))
+"""
+
+
+def test_a_default_server_loads_no_module_for_features_it_does_not_use() -> None:
+    port = free_port()
+    done = subprocess.run(
+        [sys.executable, "-c", _REPORT_LOADED, str(port), *LOADED_ON_USE],
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == []

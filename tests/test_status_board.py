@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
@@ -610,3 +611,111 @@ def test_a_set_from_another_task_wakes_a_waiting_watcher() -> None:
         await expect_end(watch)
 
     run(scenario())
+
+
+# -- subscribe: watch() without the generator, as the Watch handler uses it -------
+
+
+def test_subscribe_next_returns_each_change_then_none_when_watches_close() -> None:
+    async def scenario() -> None:
+        board = StatusBoard()
+        watcher = board.subscribe(READINESS)
+        assert watcher is not None
+        assert board.watcher_count == 1
+        first = await asyncio.wait_for(watcher.next(None), STEP_TIMEOUT)
+        assert first is SERVING
+        waiting = asyncio.create_task(watcher.next(first))
+        await asyncio.sleep(0)
+        assert not waiting.done(), "next() returned without a change"
+        board.set(READINESS, NOT_SERVING)
+        assert await asyncio.wait_for(waiting, STEP_TIMEOUT) is NOT_SERVING
+        board.close_watches()
+        assert await asyncio.wait_for(watcher.next(NOT_SERVING), STEP_TIMEOUT) is None
+        board.unsubscribe(READINESS, watcher)
+        assert board.watcher_count == 0
+        assert board.subscribe(READINESS) is None, "subscribed after close_watches()"
+
+    run(scenario())
+
+
+def test_a_cancelled_next_leaves_the_watcher_usable() -> None:
+    async def scenario() -> None:
+        board = StatusBoard()
+        watcher = board.subscribe(LIVENESS)
+        assert watcher is not None
+        waiting = asyncio.create_task(watcher.next(SERVING))
+        await asyncio.sleep(0)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        board.set(LIVENESS, NOT_SERVING)
+        assert await asyncio.wait_for(watcher.next(SERVING), STEP_TIMEOUT) is NOT_SERVING
+        board.unsubscribe(LIVENESS, watcher)
+        board.unsubscribe(LIVENESS, watcher)  # a second time is harmless
+        assert board.watcher_count == 0
+
+    run(scenario())
+
+
+# -- garbage collection during a large wake -------------------------------------
+
+
+async def _waiting_streams(
+    board: StatusBoard, count: int, collector_enabled: list[bool]
+) -> list[asyncio.Task[ServingStatus | None]]:
+    """*count* tasks waiting on READINESS as Watch handlers do, noting gc.isenabled() on waking."""
+
+    async def stream() -> ServingStatus | None:
+        watcher = board.subscribe(READINESS)
+        assert watcher is not None
+        try:
+            status = await watcher.next(SERVING)
+            collector_enabled.append(gc.isenabled())
+            return status
+        finally:
+            board.unsubscribe(READINESS, watcher)
+
+    tasks = [asyncio.create_task(stream()) for _ in range(count)]
+    await wait_until(lambda: board.watcher_count == count, "every stream to subscribe")
+    await asyncio.sleep(0)  # and to wait on its watcher
+    return tasks
+
+
+@pytest.mark.parametrize(("count", "paused"), [(10, False), (1_000, True)])
+def test_a_large_wake_runs_the_woken_streams_with_the_collector_paused(
+    count: int, paused: bool
+) -> None:
+    async def scenario() -> None:
+        board = StatusBoard()
+        enabled_when_woken: list[bool] = []
+        tasks = await _waiting_streams(board, count, enabled_when_woken)
+        assert gc.isenabled()
+        board.set(READINESS, NOT_SERVING)
+        assert gc.isenabled() is not paused
+        results = await asyncio.wait_for(asyncio.gather(*tasks), STEP_TIMEOUT)
+        assert results == [NOT_SERVING] * count
+        # Every woken stream ran while collection was paused (or, few, never paused).
+        assert enabled_when_woken == [not paused] * count
+        assert gc.isenabled(), "the collector was not resumed after the burst"
+
+    try:
+        run(scenario())
+    finally:
+        gc.enable()
+
+
+def test_a_large_wake_leaves_a_collector_disabled_by_the_application_disabled() -> None:
+    async def scenario() -> None:
+        board = StatusBoard()
+        tasks = await _waiting_streams(board, 1_000, [])
+        gc.disable()
+        board.set(READINESS, NOT_SERVING)
+        await asyncio.wait_for(asyncio.gather(*tasks), STEP_TIMEOUT)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert not gc.isenabled(), "the board enabled a collector it had not paused"
+
+    try:
+        run(scenario())
+    finally:
+        gc.enable()
