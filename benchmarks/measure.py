@@ -316,7 +316,8 @@ def probe_once(port: int, service: str = "", timeout: float = 5.0) -> str:
 # -- Check: persistent-connection throughput and the kubelet model ---------------------
 
 
-def _throughput(bench: Bench, proc: Proc, port: int) -> dict[str, Any]:
+def throughput_once(bench: Bench, proc: Proc, port: int) -> dict[str, Any]:
+    """Check throughput of the server *proc* on *port* with h2load: one warm-up, one run."""
     config = bench.config
     shape = ["-c", str(config.h2load_connections), "-m", str(config.h2load_streams)]
     verified = nghttp_grpc_status(port, bench.bodies[""])
@@ -405,7 +406,7 @@ def measure_check(bench: Bench) -> dict[str, Any]:
                 proc, port = bench.start_server(key)
                 try:
                     with bench.attempt("throughput", peer=key, round=index + 1):
-                        this_round["throughput"][key] = _throughput(bench, proc, port)
+                        this_round["throughput"][key] = throughput_once(bench, proc, port)
                     with bench.attempt("kubelet", peer=key, round=index + 1):
                         this_round["kubelet"][key] = _kubelet(bench, proc, port)
                 finally:

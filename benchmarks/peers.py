@@ -16,6 +16,15 @@
 - ``petsage-embedded``: this project embedded the documented way (``add_to_server`` and
   ``SERVER_OPTIONS``), for the Watch fan-out, where the change is triggered in-process.
 
+For ``python -m benchmarks.ab``, which takes a Check throughput gap apart:
+
+- ``bare-su``: the bare Check registered client-streaming, as petsage-grpc registers it:
+  it reads its one request with ``context.read()`` and exempts its answer from
+  compression, then returns the pre-serialized bytes;
+- ``petsage-registered``: ``petsage-embedded`` with every service also registered
+  through ``add_registered_method_handlers``, as generated stubs do (and petsage-grpc did
+  before 4cffa6a).
+
 Every kind knows ``""`` and ``readiness`` as SERVING. A line ``flip`` on stdin sets both
 to NOT_SERVING, right after printing ``flipped <time.monotonic()>`` on stdout (the
 clients compare their own ``time.monotonic()``, the same clock on Linux).
@@ -30,7 +39,7 @@ import json
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from concurrent import futures
 from typing import Any, Final
 
@@ -48,6 +57,8 @@ KINDS: Final = (
     "bare-stream",
     "bare-stream-ss",
     "petsage-embedded",
+    "bare-su",
+    "petsage-registered",
 )
 
 
@@ -128,6 +139,23 @@ async def _bare_aio(port: int) -> None:
     await _serve_aio(server, port, lambda: None)
 
 
+async def _bare_su(port: int) -> None:
+    async def check(requests: object, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        await context.read()
+        context.disable_next_message_compression()
+        return SERVING
+
+    server = grpc.aio.server(options=_bare_options())
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                HEALTH, {"Check": grpc.stream_unary_rpc_method_handler(check)}
+            ),
+        )
+    )
+    await _serve_aio(server, port, lambda: None)
+
+
 async def _bare_stream(port: int, *, stream_stream: bool = False) -> None:
     waiting: set[asyncio.Event] = set()
     status = [SERVING]
@@ -174,10 +202,21 @@ async def _bare_stream(port: int, *, stream_stream: bool = False) -> None:
     await _serve_aio(server, port, flip)
 
 
-async def _petsage(port: int) -> None:
+async def _petsage(port: int, *, registered: bool = False) -> None:
     import petsage_grpc  # noqa: PLC0415
 
     server = grpc.aio.server(options=petsage_grpc.SERVER_OPTIONS)
+    if registered:
+        add_generic = server.add_generic_rpc_handlers
+
+        def add_both(handlers: Iterable[grpc.GenericRpcHandler]) -> None:
+            add_generic(handlers)
+            for handler in handlers:
+                # grpcio's DictionaryGenericHandler; its method map has no public name.
+                methods = handler._method_handlers  # type: ignore[attr-defined]
+                server.add_registered_method_handlers(handler.service_name(), methods)  # type: ignore[attr-defined]
+
+        server.add_generic_rpc_handlers = add_both  # type: ignore[method-assign,assignment]
     board = petsage_grpc.add_to_server(server)
 
     def flip() -> None:
@@ -224,6 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "bare-stream": _bare_stream,
         "bare-stream-ss": functools.partial(_bare_stream, stream_stream=True),
         "petsage-embedded": _petsage,
+        "bare-su": _bare_su,
+        "petsage-registered": functools.partial(_petsage, registered=True),
     }
     asyncio.run(runners[args.kind](args.port))
     return 0

@@ -61,8 +61,10 @@ def _settable(status: ServingStatus) -> ServingStatus:
     return status
 
 
-_GC_PAUSE_WATCHERS: Final = 64
-"""Waking this many watchers at once pauses garbage collection for the burst (see _wake)."""
+_DEFER_FULL_GC_WATCHERS: Final = 64
+"""Waking this many watchers at once defers full garbage collections for the burst (see _wake)."""
+_NO_FULL_COLLECTION: Final = 1 << 30
+"""A threshold for the oldest generation that one loop iteration never reaches."""
 
 
 class _Closed:
@@ -115,14 +117,41 @@ def _wake(watchers: Sequence[_Watcher]) -> None:
     Every woken stream allocates its send before the first of them completes, and with
     thousands of streams open that burst trips a full collection of the whole heap
     (0.1-0.3 s at 10 000 streams) in the middle of the fan-out. So a large burst runs
-    with the collector paused: the streams' handlers run in this loop iteration,
-    queued ahead of the call that resumes collection (docs/benchmarks.md).
+    with full collections deferred; young ones go on as usual, since deferring those
+    too only moves their cost into the fan-out's tail (docs/benchmarks.md).
     """
     for watcher in watchers:
         watcher.wake()
-    if len(watchers) >= _GC_PAUSE_WATCHERS and gc.isenabled():
-        gc.disable()
-        watchers[0].loop.call_soon(gc.enable)
+    if len(watchers) >= _DEFER_FULL_GC_WATCHERS:
+        _FullCollections.defer_during_this_iteration(watchers[0].loop)
+
+
+class _FullCollections:
+    """Defers the collector's full (oldest generation) collections for one loop iteration.
+
+    The streams woken by a burst run in the iteration after the wake, queued ahead of the
+    call that restores the threshold. Thresholds the application set are restored as
+    they were; a collector it disabled stays disabled.
+    """
+
+    _lock = threading.Lock()
+    _saved: tuple[int, int, int] | None = None
+
+    @classmethod
+    def defer_during_this_iteration(cls, loop: asyncio.AbstractEventLoop) -> None:
+        with cls._lock:
+            if cls._saved is not None:
+                return  # deferred already, by an earlier burst of this iteration
+            young, middle, _ = cls._saved = gc.get_threshold()
+            gc.set_threshold(young, middle, _NO_FULL_COLLECTION)
+        loop.call_soon(cls._restore)
+
+    @classmethod
+    def _restore(cls) -> None:
+        with cls._lock:
+            if cls._saved is not None:
+                gc.set_threshold(*cls._saved)
+                cls._saved = None
 
 
 def _wake_all(watchers: Iterable[_Watcher]) -> None:

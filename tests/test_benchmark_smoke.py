@@ -80,3 +80,24 @@ def test_every_peer_was_measured(smoke: dict[str, Any]) -> None:
             assert row["delivered"] == int(size), (size, peer)
     assert set(sections["startup"]["spawn"]["summary"]) == {"stock-aio", "petsage"}
     assert set(sections["startup"]["idle"]["servers"]) >= {"stock-aio", "petsage"}
+
+
+@pytest.mark.timeout(RUN_TIMEOUT)
+def test_the_ab_runs_every_kind_it_is_given() -> None:
+    kinds = ("bare-aio", "bare-su", "petsage-registered")
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.ab", *kinds, "--rounds", "1", "--smoke"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("round 1: bare-aio ")
+    for kind in kinds:
+        summary = next(line for line in lines if line.startswith(f"{kind}: "))
+        ratio = float(summary.split()[1])
+        assert ratio > 0, summary
+    assert "bare-aio: 1.000 of bare-aio" in done.stdout

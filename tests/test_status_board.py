@@ -661,16 +661,16 @@ def test_a_cancelled_next_leaves_the_watcher_usable() -> None:
 
 
 async def _waiting_streams(
-    board: StatusBoard, count: int, collector_enabled: list[bool]
+    board: StatusBoard, count: int, thresholds: list[tuple[int, int, int]]
 ) -> list[asyncio.Task[ServingStatus | None]]:
-    """*count* tasks waiting on READINESS as Watch handlers do, noting gc.isenabled() on waking."""
+    """*count* tasks waiting on READINESS as Watch handlers do, noting gc thresholds on waking."""
 
     async def stream() -> ServingStatus | None:
         watcher = board.subscribe(READINESS)
         assert watcher is not None
         try:
             status = await watcher.next(SERVING)
-            collector_enabled.append(gc.isenabled())
+            thresholds.append(gc.get_threshold())
             return status
         finally:
             board.unsubscribe(READINESS, watcher)
@@ -681,41 +681,46 @@ async def _waiting_streams(
     return tasks
 
 
-@pytest.mark.parametrize(("count", "paused"), [(10, False), (1_000, True)])
-def test_a_large_wake_runs_the_woken_streams_with_the_collector_paused(
-    count: int, paused: bool
+@pytest.mark.parametrize(("count", "deferred"), [(10, False), (1_000, True)])
+def test_a_large_wake_runs_the_woken_streams_with_full_collections_deferred(
+    count: int, deferred: bool
 ) -> None:
     async def scenario() -> None:
         board = StatusBoard()
-        enabled_when_woken: list[bool] = []
-        tasks = await _waiting_streams(board, count, enabled_when_woken)
-        assert gc.isenabled()
+        before = gc.get_threshold()
+        when_woken: list[tuple[int, int, int]] = []
+        tasks = await _waiting_streams(board, count, when_woken)
         board.set(READINESS, NOT_SERVING)
-        assert gc.isenabled() is not paused
         results = await asyncio.wait_for(asyncio.gather(*tasks), STEP_TIMEOUT)
         assert results == [NOT_SERVING] * count
-        # Every woken stream ran while collection was paused (or, few, never paused).
-        assert enabled_when_woken == [not paused] * count
-        assert gc.isenabled(), "the collector was not resumed after the burst"
+        assert len(when_woken) == count
+        for young, middle, oldest in when_woken:
+            # Young collections go on as usual; a full one waits (or, few, is not held).
+            assert (young, middle) == before[:2]
+            assert (oldest > 1_000_000) is deferred
+        assert gc.get_threshold() == before, "the thresholds were not restored"
+        assert gc.isenabled()
 
-    try:
-        run(scenario())
-    finally:
-        gc.enable()
+    run(scenario())
 
 
-def test_a_large_wake_leaves_a_collector_disabled_by_the_application_disabled() -> None:
+def test_a_large_wake_restores_the_applications_thresholds_and_disabled_collector() -> None:
     async def scenario() -> None:
         board = StatusBoard()
         tasks = await _waiting_streams(board, 1_000, [])
+        gc.set_threshold(500, 5, 7)
         gc.disable()
         board.set(READINESS, NOT_SERVING)
+        board.set(READINESS, UNKNOWN)  # a second burst in the same iteration
         await asyncio.wait_for(asyncio.gather(*tasks), STEP_TIMEOUT)
         for _ in range(3):
             await asyncio.sleep(0)
-        assert not gc.isenabled(), "the board enabled a collector it had not paused"
+        assert gc.get_threshold() == (500, 5, 7)
+        assert not gc.isenabled(), "the board enabled a collector the application disabled"
 
+    original = gc.get_threshold()
     try:
         run(scenario())
     finally:
+        gc.set_threshold(*original)
         gc.enable()
