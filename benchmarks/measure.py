@@ -63,7 +63,7 @@ class Config:
     kubelet_seconds: float = 3.0
     kubelet_processes: int = 2
     kubelet_probers: int = 4
-    hang_seconds: float = 6.0
+    hang_seconds: float = 12.0
     hang_settle_seconds: float = 2.5
     hang_connections: int = 2
     hang_rps: int = 200

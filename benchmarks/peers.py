@@ -124,19 +124,19 @@ async def _stock_aio(port: int) -> None:
     await _serve_aio(server, port, flip)
 
 
+async def _serve_bare_check(port: int, check: grpc.RpcMethodHandler[bytes, bytes]) -> None:
+    server = grpc.aio.server(options=_bare_options())
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(HEALTH, {"Check": check}),)
+    )
+    await _serve_aio(server, port, lambda: None)
+
+
 async def _bare_aio(port: int) -> None:
     async def check(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         return SERVING
 
-    server = grpc.aio.server(options=_bare_options())
-    server.add_generic_rpc_handlers(
-        (
-            grpc.method_handlers_generic_handler(
-                HEALTH, {"Check": grpc.unary_unary_rpc_method_handler(check)}
-            ),
-        )
-    )
-    await _serve_aio(server, port, lambda: None)
+    await _serve_bare_check(port, grpc.unary_unary_rpc_method_handler(check))
 
 
 async def _bare_su(port: int) -> None:
@@ -145,15 +145,7 @@ async def _bare_su(port: int) -> None:
         context.disable_next_message_compression()
         return SERVING
 
-    server = grpc.aio.server(options=_bare_options())
-    server.add_generic_rpc_handlers(
-        (
-            grpc.method_handlers_generic_handler(
-                HEALTH, {"Check": grpc.stream_unary_rpc_method_handler(check)}
-            ),
-        )
-    )
-    await _serve_aio(server, port, lambda: None)
+    await _serve_bare_check(port, grpc.stream_unary_rpc_method_handler(check))
 
 
 async def _bare_stream(port: int, *, stream_stream: bool = False) -> None:
