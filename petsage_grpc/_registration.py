@@ -31,7 +31,7 @@ def register_service(
     """Register *handlers* (method name to handler) for the fully-qualified *service*.
 
     As a generic handler only. Generated stubs also call
-    ``add_registered_method_handlers``, but on grpc.aio that costs Check 2-4 % of its
+    ``add_registered_method_handlers``, but on grpc.aio that costs Check 1-3.5 % of its
     throughput in interleaved A/B runs (docs/benchmarks.md), and a dict lookup per call
     is all it would save.
     """
