@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             bench.close()
     base_figures = figures[args.kinds[0]]
     for kind in args.kinds:
-        ratios = [value / base for value, base in zip(figures[kind], base_figures, strict=True)]
+        ratios = [mine / first for mine, first in zip(figures[kind], base_figures, strict=True)]
         ratio = statistics.median(ratios)
         print(f"{kind}: {ratio:.3f} of {args.kinds[0]} (median of {args.rounds} rounds)")
     return 0

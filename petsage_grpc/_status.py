@@ -354,8 +354,8 @@ class StatusBoard:
 
         Returns a watcher whose ``await next(sent)`` returns the first status that is
         not *sent* (pass None at first), or None once the board has ended watches; or
-        None at once if watches are ended already. Pair every call with
-        :meth:`unsubscribe`, in a ``finally``.
+        None at once if watches are ended already. Call it on the event loop that will
+        await ``next``, and pair every call with :meth:`unsubscribe`, in a ``finally``.
         """
         with self._lock:
             if self._watches_closed:
