@@ -203,7 +203,8 @@ class StatusBoard:
     ``startup`` and ``petsage.v1.SmokeTestService``, all SERVING unless *initial* says
     otherwise.
 
-    Every method is safe to call from the event loop and from any other thread.
+    Every method is safe to call from the event loop and from any other thread (watch
+    and subscribe from the loop whose task then waits).
     Status changes are logged once each, at INFO, on the ``petsage_grpc.status`` logger.
 
     The board separates what was *set* from what is *reported*:
