@@ -8,6 +8,7 @@ round to round, and every ratio is taken within a round before the median is tak
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
 import os
@@ -16,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -129,6 +130,32 @@ def rotated(items: Sequence[str], round_index: int) -> list[str]:
     """*items* rotated by the round, so that no peer always runs first or last."""
     shift = round_index % len(items)
     return [*items[shift:], *items[:shift]]
+
+
+def interleaved(
+    bench: Bench,
+    measure: Callable[[str], dict[str, Any]],
+    keys: Sequence[str],
+    *,
+    rounds: int,
+    label: str,
+    key_name: str = "peer",
+    **where: object,
+) -> list[dict[str, Any]]:
+    """*rounds* rounds of ``measure(key)`` for every key, the order rotating between rounds.
+
+    A measurement that fails is recorded as an error of section *label* (with *where*),
+    and the round goes on without it.
+    """
+    results: list[dict[str, Any]] = []
+    for index in range(rounds):
+        this_round: dict[str, Any] = {}
+        for key in rotated(keys, index):
+            print(f"  {label} round {index + 1}: {key}", file=sys.stderr, flush=True)
+            with bench.attempt(label, **{key_name: key}, **where, round=index + 1):
+                this_round[key] = measure(key)
+        results.append(this_round)
+    return results
 
 
 def free_port() -> int:
@@ -503,14 +530,14 @@ def _paced(bench: Bench, config_name: str) -> dict[str, Any]:
 
 def measure_hang(bench: Bench) -> dict[str, Any]:
     """Check latency at a fixed rate for petsage-grpc with no check and with hanging ones."""
-    rounds: list[dict[str, Any]] = []
-    for index in range(bench.config.rounds):
-        this_round: dict[str, Any] = {}
-        for name in rotated(HANG_CONFIGS, index):
-            print(f"  hang round {index + 1}: {name}", file=sys.stderr, flush=True)
-            with bench.attempt("hanging_dependency", config=name, round=index + 1):
-                this_round[name] = _paced(bench, name)
-        rounds.append(this_round)
+    rounds = interleaved(
+        bench,
+        lambda name: _paced(bench, name),
+        HANG_CONFIGS,
+        rounds=bench.config.rounds,
+        label="hanging_dependency",
+        key_name="config",
+    )
     return _summarise(
         rounds,
         HANG_CONFIGS[0],
@@ -627,14 +654,14 @@ def measure_watch(bench: Bench) -> dict[str, Any]:
     """Watch fan-out at each size: streams opened and held, change latency, memory."""
     by_size: dict[str, Any] = {}
     for size in bench.config.watch_sizes:
-        rounds: list[dict[str, Any]] = []
-        for index in range(bench.config.watch_rounds):
-            this_round: dict[str, Any] = {}
-            for kind in rotated(WATCH_PEERS, index):
-                print(f"  watch {size} round {index + 1}: {kind}", file=sys.stderr, flush=True)
-                with bench.attempt("watch", peer=kind, streams=size, round=index + 1):
-                    this_round[kind] = _watch_once(bench, kind, size)
-            rounds.append(this_round)
+        rounds = interleaved(
+            bench,
+            functools.partial(_watch_once, bench, size=size),
+            WATCH_PEERS,
+            rounds=bench.config.watch_rounds,
+            label="watch",
+            streams=size,
+        )
         by_size[str(size)] = _summarise(rounds, WATCH_PEERS[0], WATCH_METRICS)
     return by_size
 
@@ -642,14 +669,14 @@ def measure_watch(bench: Bench) -> dict[str, Any]:
 def measure_watch_grpcio(bench: Bench) -> dict[str, Any]:
     """The largest Watch fan-out again, with grpcio aio clients instead of the raw client."""
     size = max(bench.config.watch_sizes)
-    rounds: list[dict[str, Any]] = []
-    for index in range(bench.config.watch_grpcio_rounds):
-        this_round: dict[str, Any] = {}
-        for kind in rotated(WATCH_PEERS, index):
-            print(f"  watch {size} grpcio clients: {kind}", file=sys.stderr, flush=True)
-            with bench.attempt("watch_grpcio_client", peer=kind, streams=size, round=index + 1):
-                this_round[kind] = _watch_once(bench, kind, size, client_kind="grpcio")
-        rounds.append(this_round)
+    rounds = interleaved(
+        bench,
+        functools.partial(_watch_once, bench, size=size, client_kind="grpcio"),
+        WATCH_PEERS,
+        rounds=bench.config.watch_grpcio_rounds,
+        label="watch_grpcio_client",
+        streams=size,
+    )
     return {"streams": size, **_summarise(rounds, WATCH_PEERS[0], WATCH_METRICS)}
 
 
@@ -688,14 +715,13 @@ def _spawn_once(bench: Bench, key: str) -> dict[str, Any]:
 def measure_startup(bench: Bench) -> dict[str, Any]:
     """Process start to first SERVING answer and RSS, then idle CPU and RSS over a window."""
     keys = ("stock-aio", "petsage")
-    rounds: list[dict[str, Any]] = []
-    for index in range(bench.config.startup_rounds):
-        this_round: dict[str, Any] = {}
-        for key in rotated(keys, index):
-            print(f"  startup round {index + 1}: {key}", file=sys.stderr, flush=True)
-            with bench.attempt("startup", peer=key, round=index + 1):
-                this_round[key] = _spawn_once(bench, key)
-        rounds.append(this_round)
+    rounds = interleaved(
+        bench,
+        lambda key: _spawn_once(bench, key),
+        keys,
+        rounds=bench.config.startup_rounds,
+        label="startup",
+    )
     spawn = _summarise(rounds, keys[0], {"spawn_to_serving_ms": "lower", "rss_mib": "lower"})
     idle: dict[str, Any] = {}
     with bench.attempt("idle"):
