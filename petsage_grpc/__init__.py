@@ -15,13 +15,9 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from petsage_grpc._check import CHECK_PREFIX, Check, CheckError
-    from petsage_grpc._drain import graceful_stop
-    from petsage_grpc._embed import add_to_server
-    from petsage_grpc._health import HealthLimits
-    from petsage_grpc._monitor import CheckState, HealthMonitor
-    from petsage_grpc._server import SERVER_OPTIONS, ListenError, ServeOptions, serve
-    from petsage_grpc._status import (
+    from petsage_grpc.board._check import CHECK_PREFIX, Check, CheckError
+    from petsage_grpc.board._monitor import CheckState, HealthMonitor
+    from petsage_grpc.board._status import (
         LIVENESS,
         OVERALL,
         READINESS,
@@ -30,6 +26,10 @@ if TYPE_CHECKING:
         ServingStatus,
         StatusBoard,
     )
+    from petsage_grpc.server._server import SERVER_OPTIONS, ListenError, ServeOptions, serve
+    from petsage_grpc.services._drain import graceful_stop
+    from petsage_grpc.services._embed import add_to_server
+    from petsage_grpc.services._health import HealthLimits
 
 __all__ = [
     "CHECK_PREFIX",
@@ -54,25 +54,25 @@ __all__ = [
 ]
 
 _HOMES = {
-    "CHECK_PREFIX": "_check",
-    "Check": "_check",
-    "CheckError": "_check",
-    "CheckState": "_monitor",
-    "HealthLimits": "_health",
-    "HealthMonitor": "_monitor",
-    "graceful_stop": "_drain",
-    "add_to_server": "_embed",
-    "ListenError": "_server",
-    "SERVER_OPTIONS": "_server",
-    "ServeOptions": "_server",
-    "serve": "_server",
-    "LIVENESS": "_status",
-    "OVERALL": "_status",
-    "READINESS": "_status",
-    "SMOKE_TEST_SERVICE": "_status",
-    "STARTUP": "_status",
-    "ServingStatus": "_status",
-    "StatusBoard": "_status",
+    "CHECK_PREFIX": "board._check",
+    "Check": "board._check",
+    "CheckError": "board._check",
+    "CheckState": "board._monitor",
+    "HealthLimits": "services._health",
+    "HealthMonitor": "board._monitor",
+    "graceful_stop": "services._drain",
+    "add_to_server": "services._embed",
+    "ListenError": "server._server",
+    "SERVER_OPTIONS": "server._server",
+    "ServeOptions": "server._server",
+    "serve": "server._server",
+    "LIVENESS": "board._status",
+    "OVERALL": "board._status",
+    "READINESS": "board._status",
+    "SMOKE_TEST_SERVICE": "board._status",
+    "STARTUP": "board._status",
+    "ServingStatus": "board._status",
+    "StatusBoard": "board._status",
 }
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from petsage_grpc._cli import main
+from petsage_grpc.cli._main import main
 
 __all__ = ["main"]
 

@@ -82,7 +82,7 @@ from soak_server import GcPauses  # scripts/ is on sys.path: this script's own f
 
 from petsage_grpc import LIVENESS, OVERALL, READINESS, SMOKE_TEST_SERVICE, STARTUP, ServingStatus
 from petsage_grpc._generated.petsage.v1 import smoke_test_service_pb2
-from petsage_grpc._smoke_test import NOT_SERVING_DETAILS
+from petsage_grpc.services._smoke_test import NOT_SERVING_DETAILS
 
 ROOT: Final = Path(__file__).resolve().parent.parent
 SERVER_SCRIPT: Final = ROOT / "scripts" / "soak_server.py"

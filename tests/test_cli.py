@@ -31,7 +31,7 @@ from grpc_health.v1 import health_pb2
 from tcp_listener import free_port
 
 from petsage_grpc import LIVENESS, ServingStatus
-from petsage_grpc._cli import main
+from petsage_grpc.cli._main import main
 
 RUN_TIMEOUT: Final = 20.0
 """Bound on a command that must fail at once (a server that wrongly starts is killed)."""
@@ -549,8 +549,8 @@ def test_main_probe_returns_its_exit_code(capsys: pytest.CaptureFixture[str]) ->
 # default server does not use, so they load only when the feature does.
 LOADED_ON_USE: Final = (
     "tomllib",  # --config
-    "petsage_grpc._tls",  # --tls-cert
-    "petsage_grpc._reload",  # --config
+    "petsage_grpc.server._tls",  # --tls-cert
+    "petsage_grpc.server._reload",  # --config
     "hashlib",  # a bearer token (with hmac: OpenSSL's libcrypto)
     "hmac",
     "grpc_reflection.v1alpha._async",  # the first reflection call
@@ -562,7 +562,7 @@ LOADED_ON_USE: Final = (
 )
 _REPORT_LOADED = """
 import json, os, signal, socket, sys, threading, time
-from petsage_grpc._cli import main
+from petsage_grpc.cli._main import main
 
 port, names = int(sys.argv[1]), sys.argv[2:]
 

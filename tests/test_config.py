@@ -24,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tcp_listener import free_port, refuses_connections
 
 from petsage_grpc import Check, CheckError
-from petsage_grpc._config import ConfigError, load_config
+from petsage_grpc.server._config import ConfigError, load_config
 
 CLI_TIMEOUT: Final = 20.0
 START_TIMEOUT: Final = 20.0

@@ -40,8 +40,8 @@ from dependency_servers import (  # noqa: F401 - the fixtures are used by name
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from petsage_grpc import Check, HealthMonitor, ServingStatus
-from petsage_grpc._check import CheckKind
 from petsage_grpc._generated.petsage.v1 import smoke_test_service_pb2, smoke_test_service_pb2_grpc
+from petsage_grpc.board._check import CheckKind
 
 SERVING: Final = ServingStatus.SERVING
 NOT_SERVING: Final = ServingStatus.NOT_SERVING

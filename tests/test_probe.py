@@ -763,7 +763,7 @@ import socket, struct, sys
 from grpc_health.v1 import health_pb2
 from hpack import Encoder
 from hyperframe.frame import DataFrame, Frame, HeadersFrame, SettingsFrame
-from petsage_grpc._tls_relay import start_unverified_tls_relay
+from petsage_grpc.cli._tls_relay import start_unverified_tls_relay
 
 port, attempts = int(sys.argv[1]), int(sys.argv[2])
 relay = start_unverified_tls_relay("127.0.0.1", port, cert=None, key=None, timeout=5)
@@ -924,29 +924,11 @@ def test_format_inverts_parse(text: str) -> None:
 
 # -- the probe starts lean --------------------------------------------------------------
 
-_SERVER_MODULES: Final = tuple(
-    f"petsage_grpc.{name}"
-    for name in (
-        "_server",
-        "_status",
-        "_health",
-        "_embed",
-        "_drain",
-        "_reflection",
-        "_smoke_test",
-        "_logging",
-        "_monitor",
-        "_metrics",
-        "_config",
-        "_dependencies",
-        "_settings",
-        "_http",
-        "_reload",
-        "_registration",
-        "_auth",
-        "_tls",
-        "_generated",
-    )
+_SERVER_MODULES: Final = (
+    "petsage_grpc.board",
+    "petsage_grpc.services",
+    "petsage_grpc.server",
+    "petsage_grpc._generated",
 )
 """Server-side modules; the probe (a Kubernetes exec probe) must load none of them."""
 
@@ -968,9 +950,9 @@ def _modules_after(code: str) -> dict[str, Any]:
 
 _PROBE_IN_PROCESS: Final = """
 import json, sys
-import petsage_grpc._cli
+import petsage_grpc.cli._main
 before = sorted(sys.modules)
-code = petsage_grpc._cli.main({argv!r})
+code = petsage_grpc.cli._main.main({argv!r})
 print(json.dumps({{"code": code, "before": before, "after": sorted(sys.modules)}}))
 """
 
@@ -1007,4 +989,4 @@ def test_probe_loads_no_server_code(dead_port: int) -> None:
         if name.startswith(("grpc.aio", "grpc_health", "grpc_reflection"))
     }
     assert not extra, extra
-    assert "petsage_grpc._probe" in loaded
+    assert "petsage_grpc.cli._probe" in loaded

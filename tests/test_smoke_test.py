@@ -12,7 +12,7 @@ from conftest import InProcessServer
 
 from petsage_grpc import READINESS, SMOKE_TEST_SERVICE, ServingStatus
 from petsage_grpc._generated.petsage.v1 import smoke_test_service_pb2, smoke_test_service_pb2_grpc
-from petsage_grpc._smoke_test import SMOKE_TEST_MESSAGE
+from petsage_grpc.services._smoke_test import SMOKE_TEST_MESSAGE
 
 RPC_TIMEOUT: Final = 5.0
 OK_MESSAGE: Final = "PetSage system is alive and purring."

@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tcp_listener import TcpListener, free_port
 
 from petsage_grpc._generated.petsage.v1 import smoke_test_service_pb2
-from petsage_grpc._smoke_test import SMOKE_TEST_MESSAGE
+from petsage_grpc.services._smoke_test import SMOKE_TEST_MESSAGE
 
 SMOKE_TEST_METHOD: Final = "/petsage.v1.SmokeTestService/SmokeTest"
 RPC_TIMEOUT: Final = 5.0

@@ -562,7 +562,7 @@ def test_bad_tls_input_exits_2_with_one_line(
 
 RELAY_STRESS: Final = """
 import socket, ssl, sys, threading
-from petsage_grpc._tls_relay import start_unverified_tls_relay
+from petsage_grpc.cli._tls_relay import start_unverified_tls_relay
 
 cert, key = sys.argv[1], sys.argv[2]
 context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -640,7 +640,7 @@ def test_unverified_tls_relay_survives_full_duplex_traffic(pki: Pki) -> None:
 
 RELAY_EXIT: Final = """
 import socket, ssl, sys, threading
-from petsage_grpc._tls_relay import start_unverified_tls_relay
+from petsage_grpc.cli._tls_relay import start_unverified_tls_relay
 
 context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
 context.load_cert_chain(sys.argv[1], sys.argv[2])

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from petsage_grpc._check import Check
+from petsage_grpc.board._check import Check
 
 if TYPE_CHECKING:
     import aiohttp

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Final
 
-from petsage_grpc._check import Check
-from petsage_grpc._dependencies import Prober, make_prober
-from petsage_grpc._status import (
+from petsage_grpc.board._check import Check
+from petsage_grpc.board._dependencies import Prober, make_prober
+from petsage_grpc.board._status import (
     OVERALL,
     READINESS,
     SMOKE_TEST_SERVICE,

@@ -48,7 +48,7 @@ class Connection:
         if not self.tls:
             return self.target, None, options
         if self.tls_no_verify:
-            from petsage_grpc._tls_relay import start_unverified_tls_relay  # noqa: PLC0415
+            from petsage_grpc.cli._tls_relay import start_unverified_tls_relay  # noqa: PLC0415
 
             host, _, port = self.target.rpartition(":")
             relay = start_unverified_tls_relay(

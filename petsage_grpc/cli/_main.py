@@ -5,7 +5,7 @@ and must start fast, and ``serve`` should report a bad flag before loading anyth
 
 Exit codes of ``serve``: 0 stopped cleanly after a signal; 2 bad flag, bad environment
 variable, bad configuration file or cannot listen (the problem on stderr, nothing left
-running). ``probe`` exits as grpc_health_probe does (see ``petsage_grpc._probe``).
+running). ``probe`` exits as grpc_health_probe does (see ``petsage_grpc.cli._probe``).
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from petsage_grpc.cli._version import installed_version
+
 if TYPE_CHECKING:
-    from petsage_grpc._config import Config
-    from petsage_grpc._server import ServeOptions
+    from petsage_grpc.server._config import Config
+    from petsage_grpc.server._server import ServeOptions
 
 __all__ = ["main"]
 
@@ -50,7 +52,12 @@ def _serve(argv: Sequence[str], environ: Mapping[str, str]) -> int:
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     # Until the server installs its handler, a SIGHUP (reload) must not end the process.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    from petsage_grpc._settings import ENV_PREFIX, SERVER_SETTINGS, SettingError, resolve_settings  # noqa: PLC0415
+    from petsage_grpc.server._settings import (  # noqa: PLC0415
+        ENV_PREFIX,
+        SERVER_SETTINGS,
+        SettingError,
+        resolve_settings,
+    )
 
     parser = _Parser(
         prog=f"{PROG} serve",
@@ -69,7 +76,7 @@ def _serve(argv: Sequence[str], environ: Mapping[str, str]) -> int:
     except SettingError as error:
         parser.error(str(error))
 
-    from petsage_grpc._config import Config, ConfigError, load_config  # noqa: PLC0415
+    from petsage_grpc.server._config import Config, ConfigError, load_config  # noqa: PLC0415
 
     config = Config()
     if config_path is not None:
@@ -86,8 +93,8 @@ def _serve(argv: Sequence[str], environ: Mapping[str, str]) -> int:
 
     import asyncio  # noqa: PLC0415 - heavy imports only once the input is known to be good
 
-    from petsage_grpc._logging import configure_logging  # noqa: PLC0415
-    from petsage_grpc._server import ListenError, serve  # noqa: PLC0415
+    from petsage_grpc.server._logging import configure_logging  # noqa: PLC0415
+    from petsage_grpc.server._server import ListenError, serve  # noqa: PLC0415
 
     try:
         options = _serve_options(values, config)
@@ -108,9 +115,9 @@ def _serve_options(values: Mapping[str, Any], config: Config) -> ServeOptions:
     Raises:
         ValueError: TLS files are incomplete or unusable, or the token file is unusable.
     """
-    from petsage_grpc._auth import BearerToken  # noqa: PLC0415
-    from petsage_grpc._health import HealthLimits  # noqa: PLC0415
-    from petsage_grpc._server import ServeOptions  # noqa: PLC0415
+    from petsage_grpc.server._server import ServeOptions  # noqa: PLC0415
+    from petsage_grpc.services._auth import BearerToken  # noqa: PLC0415
+    from petsage_grpc.services._health import HealthLimits  # noqa: PLC0415
 
     cert, key, client_ca = values["tls_cert"], values["tls_key"], values["tls_client_ca"]
     if (cert is None) != (key is None):
@@ -119,7 +126,7 @@ def _serve_options(values: Mapping[str, Any], config: Config) -> ServeOptions:
         raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
     tls = None
     if cert is not None:
-        from petsage_grpc._tls import TlsFiles  # noqa: PLC0415
+        from petsage_grpc.server._tls import TlsFiles  # noqa: PLC0415
 
         tls = TlsFiles(cert=cert, key=key, client_ca=client_ca)
     token = config.auth_token
@@ -151,11 +158,11 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
     args = list(sys.argv[1:] if argv is None else argv)
     environ = os.environ if environ is None else environ
     if args and args[0] == "probe":
-        from petsage_grpc._probe import run_probe  # noqa: PLC0415
+        from petsage_grpc.cli._probe import run_probe  # noqa: PLC0415
 
         return run_probe(args[1:])
     if args and args[0] == "status":
-        from petsage_grpc._status_command import run_status  # noqa: PLC0415
+        from petsage_grpc.cli._status_command import run_status  # noqa: PLC0415
 
         return run_status(args[1:])
     parser = _Parser(
@@ -170,19 +177,9 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     if args == ["--version"]:
-        # Looked up only when asked for: importlib.metadata costs every start otherwise.
-        print(f"{PROG} {_version()}")
+        print(f"{PROG} {installed_version()}")
         return 0
     if not args or args[0] != "serve":
         parser.parse_args(args)  # prints help, the version, or a one-line error
         return EXIT_USAGE
     return _serve(args[1:], environ)
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
-
-    try:
-        return version("petsage-grpc")
-    except PackageNotFoundError:
-        return "unknown"

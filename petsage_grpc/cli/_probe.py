@@ -23,8 +23,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
-from petsage_grpc._client import Connection
 from petsage_grpc._durations import format_go_duration, parse_go_duration
+from petsage_grpc.cli._client import Connection
 
 if TYPE_CHECKING:
     import grpc
@@ -226,9 +226,9 @@ def run_probe(argv: Sequence[str]) -> int:
     try:
         flags = _parse(argv)
         if flags.version:
-            from petsage_grpc._cli import _version  # noqa: PLC0415
+            from petsage_grpc.cli._version import installed_version  # noqa: PLC0415
 
-            _log(f"petsage-grpc probe {_version()}")
+            _log(f"petsage-grpc probe {installed_version()}")
             return EXIT_SERVING
         _validate(flags)
     except _HelpRequestedError:

@@ -19,16 +19,16 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TextIO
 
-from petsage_grpc._auth import BearerToken
-from petsage_grpc._client import Connection
 from petsage_grpc._durations import parse_duration
-from petsage_grpc._probe import (
+from petsage_grpc.cli._client import Connection
+from petsage_grpc.cli._probe import (
     EXIT_CONNECTION_FAILURE,
     EXIT_INVALID_ARGUMENTS,
     EXIT_RPC_FAILURE,
     EXIT_SERVING,
     EXIT_UNHEALTHY,
 )
+from petsage_grpc.services._auth import BearerToken
 
 if TYPE_CHECKING:
     import grpc

@@ -11,10 +11,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from petsage_grpc._check import Check
-from petsage_grpc._dependencies import resolve_callable
 from petsage_grpc._durations import parse_duration
-from petsage_grpc._settings import SERVER_SETTINGS
+from petsage_grpc.board._check import Check
+from petsage_grpc.board._dependencies import resolve_callable
+from petsage_grpc.server._settings import SERVER_SETTINGS
 
 __all__ = ["Config", "ConfigError", "load_config"]
 

@@ -24,10 +24,7 @@ from typing import Final
 
 from aiohttp import web
 
-from petsage_grpc._auth import BearerToken
-from petsage_grpc._metrics import Metrics
-from petsage_grpc._smoke_test import NOT_SERVING_DETAILS, SMOKE_TEST_MESSAGE, check_states
-from petsage_grpc._status import (
+from petsage_grpc.board._status import (
     LIVENESS,
     READINESS,
     SMOKE_TEST_SERVICE,
@@ -35,6 +32,9 @@ from petsage_grpc._status import (
     ServingStatus,
     StatusBoard,
 )
+from petsage_grpc.server._metrics import Metrics
+from petsage_grpc.services._auth import BearerToken
+from petsage_grpc.services._smoke_test import NOT_SERVING_DETAILS, SMOKE_TEST_MESSAGE, check_states
 
 __all__ = ["HttpFace"]
 

@@ -15,8 +15,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, g
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from petsage_grpc._monitor import HealthMonitor
-from petsage_grpc._status import ServingStatus, StatusBoard
+from petsage_grpc.board._monitor import HealthMonitor
+from petsage_grpc.board._status import ServingStatus, StatusBoard
 
 __all__ = ["Metrics"]
 

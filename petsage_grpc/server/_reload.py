@@ -11,8 +11,8 @@ import asyncio
 import logging
 import os
 
-from petsage_grpc._config import ConfigError, load_config
-from petsage_grpc._monitor import HealthMonitor
+from petsage_grpc.board._monitor import HealthMonitor
+from petsage_grpc.server._config import ConfigError, load_config
 
 __all__ = ["ConfigReloader"]
 

@@ -15,20 +15,20 @@ from typing import TYPE_CHECKING, Final
 
 import grpc
 
-from petsage_grpc._auth import BearerToken
-from petsage_grpc._check import Check
-from petsage_grpc._drain import graceful_stop
-from petsage_grpc._embed import add_to_server
-from petsage_grpc._health import HealthLimits
-from petsage_grpc._monitor import HealthMonitor
-from petsage_grpc._status import StatusBoard
+from petsage_grpc.board._check import Check
+from petsage_grpc.board._monitor import HealthMonitor
+from petsage_grpc.board._status import StatusBoard
+from petsage_grpc.services._auth import BearerToken
+from petsage_grpc.services._drain import graceful_stop
+from petsage_grpc.services._embed import add_to_server
+from petsage_grpc.services._health import HealthLimits
 
 __all__ = ["SERVER_OPTIONS", "ListenError", "ServeOptions", "format_address", "serve"]
 
 if TYPE_CHECKING:
-    from petsage_grpc._http import HttpFace
-    from petsage_grpc._reload import ConfigReloader
-    from petsage_grpc._tls import TlsFiles
+    from petsage_grpc.server._http import HttpFace
+    from petsage_grpc.server._reload import ConfigReloader
+    from petsage_grpc.server._tls import TlsFiles
 
 _log = logging.getLogger("petsage_grpc.server")
 
@@ -166,7 +166,7 @@ async def _assemble(options: ServeOptions, board: StatusBoard) -> _Assembly:
     if options.tls is not None:
         # Loaded only when used, like the HTTP face below: every module costs start-up
         # time and idle memory in every pod.
-        from petsage_grpc._tls import TlsError, server_credentials  # noqa: PLC0415
+        from petsage_grpc.server._tls import TlsError, server_credentials  # noqa: PLC0415
 
         try:
             credentials = server_credentials(options.tls)
@@ -177,8 +177,8 @@ async def _assemble(options: ServeOptions, board: StatusBoard) -> _Assembly:
     if options.http_port is not None:
         # aiohttp and prometheus-client cost a quarter of a second to import and memory
         # to hold: only for servers that serve HTTP.
-        from petsage_grpc._http import HttpFace  # noqa: PLC0415
-        from petsage_grpc._metrics import Metrics  # noqa: PLC0415
+        from petsage_grpc.server._http import HttpFace  # noqa: PLC0415
+        from petsage_grpc.server._metrics import Metrics  # noqa: PLC0415
 
         metrics = Metrics(board, monitor)
         http = HttpFace(
@@ -270,7 +270,7 @@ async def serve(
         if on_listening is not None:
             on_listening(parts.port)
         if options.config_path is not None:
-            from petsage_grpc._reload import ConfigReloader  # noqa: PLC0415
+            from petsage_grpc.server._reload import ConfigReloader  # noqa: PLC0415
 
             signals.reloader = ConfigReloader(options.config_path, parts.monitor)
             if options.config_poll_seconds > 0:

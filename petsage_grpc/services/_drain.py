@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import grpc
 
-from petsage_grpc._status import StatusBoard
+from petsage_grpc.board._status import StatusBoard
 
 __all__ = ["graceful_stop"]
 

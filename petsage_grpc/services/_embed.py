@@ -6,11 +6,11 @@ from collections.abc import Iterable
 
 import grpc
 
-from petsage_grpc._auth import BearerToken
-from petsage_grpc._health import HEALTH_SERVICE, HealthLimits, add_health_service
-from petsage_grpc._reflection import add_reflection_service
-from petsage_grpc._smoke_test import add_smoke_test_service
-from petsage_grpc._status import SMOKE_TEST_SERVICE, StatusBoard
+from petsage_grpc.board._status import SMOKE_TEST_SERVICE, StatusBoard
+from petsage_grpc.services._auth import BearerToken
+from petsage_grpc.services._health import HEALTH_SERVICE, HealthLimits, add_health_service
+from petsage_grpc.services._reflection import add_reflection_service
+from petsage_grpc.services._smoke_test import add_smoke_test_service
 
 __all__ = ["add_to_server"]
 

@@ -17,9 +17,9 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
 
-from petsage_grpc._auth import UNAUTHENTICATED_DETAILS, BearerToken
-from petsage_grpc._registration import one_request, register_service
-from petsage_grpc._status import ServingStatus, StatusBoard
+from petsage_grpc.board._status import ServingStatus, StatusBoard
+from petsage_grpc.services._auth import UNAUTHENTICATED_DETAILS, BearerToken
+from petsage_grpc.services._registration import one_request, register_service
 
 __all__ = ["HEALTH_SERVICE", "HealthLimits", "add_health_service"]
 

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any, Final
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from petsage_grpc._auth import UNAUTHENTICATED_DETAILS, BearerToken
-from petsage_grpc._registration import register_service
+from petsage_grpc.services._auth import UNAUTHENTICATED_DETAILS, BearerToken
+from petsage_grpc.services._registration import register_service
 
 if TYPE_CHECKING:
     from grpc_reflection.v1alpha._async import ReflectionServicer

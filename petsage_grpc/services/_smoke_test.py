@@ -7,11 +7,11 @@ from typing import Final
 import grpc
 from google.protobuf.message import DecodeError
 
-from petsage_grpc._auth import BearerToken
-from petsage_grpc._check import CHECK_PREFIX
 from petsage_grpc._generated.petsage.v1 import smoke_test_service_pb2
-from petsage_grpc._registration import one_request, register_service
-from petsage_grpc._status import SMOKE_TEST_SERVICE, ServingStatus, StatusBoard
+from petsage_grpc.board._check import CHECK_PREFIX
+from petsage_grpc.board._status import SMOKE_TEST_SERVICE, ServingStatus, StatusBoard
+from petsage_grpc.services._auth import BearerToken
+from petsage_grpc.services._registration import one_request, register_service
 
 __all__ = ["NOT_SERVING_DETAILS", "SMOKE_TEST_MESSAGE", "add_smoke_test_service", "check_states"]
 
