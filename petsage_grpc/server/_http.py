@@ -11,16 +11,22 @@ the same status board as the gRPC services, so HTTP and gRPC never disagree.
 - ``GET /metrics``: Prometheus text, when metrics are on.
 
 Built on aiohttp's low-level server so that even its answers to malformed requests
-carry no version and echo nothing back.
+carry no version and echo nothing back, and log no traceback (one warning a minute per
+kind, with a count). Connections are capped in all and per peer address (beyond, a new
+one is closed as soon as it is accepted) and closed after :attr:`HttpLimits.idle_seconds`
+without a whole request, so they cannot be held for free. No access log unless asked.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Final
+from typing import Any, Final
 
 from aiohttp import web
 
@@ -32,11 +38,12 @@ from petsage_grpc.board._status import (
     ServingStatus,
     StatusBoard,
 )
+from petsage_grpc.server._logging import WarningTally
 from petsage_grpc.server._metrics import Metrics
 from petsage_grpc.services._auth import BearerToken
 from petsage_grpc.services._smoke_test import NOT_SERVING_DETAILS, SMOKE_TEST_MESSAGE, check_states
 
-__all__ = ["HttpFace"]
+__all__ = ["HttpFace", "HttpLimits"]
 
 _log = logging.getLogger("petsage_grpc.http")
 
@@ -59,8 +66,63 @@ def _plain(status: int, text: str, **headers: str) -> web.Response:
     return web.Response(status=status, text=text, headers={**_HEADERS, **headers})
 
 
+@dataclass(frozen=True, kw_only=True)
+class HttpLimits:
+    """What one HTTP client can hold: connections, and how long an idle one stays."""
+
+    max_connections: int = 256
+    """Open connections in all; beyond, a new one is closed as soon as it is accepted."""
+    max_connections_per_peer: int = 32
+    """Open connections from one IP address (a probe comes from another address)."""
+    idle_seconds: float = 10.0
+    """A connection without a whole request this long after it opened, or after its last
+    answer, is closed: the header-read and the keep-alive timeout at once."""
+    access_log: bool = False
+    """Log one INFO line per request (aiohttp's access log)."""
+
+    def __post_init__(self) -> None:
+        if self.max_connections < 1 or self.max_connections_per_peer < 1:
+            raise ValueError("HTTP connection caps must be at least 1")
+        if not self.idle_seconds > 0:
+            raise ValueError(f"idle_seconds must be above 0, not {self.idle_seconds}")
+
+
+def _error_kind(status: int, exc: BaseException | None) -> str:
+    """A fixed label for a malformed request (never its content)."""
+    name = type(exc).__name__ if exc is not None else "error"
+    return f"{status} {name}"
+
+
 class _QuietRequestHandler(web.RequestHandler):
-    """aiohttp's connection handler, but its error answers name no version and echo nothing."""
+    """aiohttp's connection handler, capped.
+
+    Its error answers name no version, echo nothing and log no traceback.
+    """
+
+    def __init__(self, manager: _QuietServer, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._quiet = manager
+        self._peer: str | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        address = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+        if not self._quiet.admit(address):
+            # Refused cheaply: no task, no parser, no timer; the descriptor goes back now.
+            if isinstance(transport, asyncio.Transport):
+                transport.abort()
+            else:
+                transport.close()
+            return
+        self._peer = address
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._peer is None:
+            return  # refused in connection_made
+        self._quiet.release(self._peer)
+        self._peer = None
+        super().connection_lost(exc)
 
     def handle_error(
         self,
@@ -69,15 +131,42 @@ class _QuietRequestHandler(web.RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
-        super().handle_error(request, status, exc, message)  # logs, and closes the connection
+        # aiohttp's own handle_error logs a traceback per request: one counted line instead.
+        self._quiet.malformed.add(_error_kind(status, exc))
+        self.force_close()
         response = _plain(status, f"{status} {HTTPStatus(status).phrase}\n")
         response.force_close()
         return response
 
 
 class _QuietServer(web.Server):
+    def __init__(self, handler: Any, *, limits: HttpLimits, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._limits = limits
+        self._open = 0
+        self._by_peer: Counter[str] = Counter()
+        self.malformed = WarningTally(_log, "malformed HTTP requests")
+        self._refused = WarningTally(_log, "HTTP connections refused")
+
     def __call__(self) -> web.RequestHandler:
         return _QuietRequestHandler(self, loop=self._loop, **self._kwargs)
+
+    def admit(self, peer: str) -> bool:
+        if self._open >= self._limits.max_connections:
+            self._refused.add(f"at the cap of {self._limits.max_connections} in all")
+            return False
+        if self._by_peer[peer] >= self._limits.max_connections_per_peer:
+            self._refused.add(f"at the cap of {self._limits.max_connections_per_peer} per peer")
+            return False
+        self._open += 1
+        self._by_peer[peer] += 1
+        return True
+
+    def release(self, peer: str) -> None:
+        self._open -= 1
+        self._by_peer[peer] -= 1
+        if not self._by_peer[peer]:
+            del self._by_peer[peer]
 
 
 class HttpFace:
@@ -89,10 +178,14 @@ class HttpFace:
         *,
         metrics: Metrics | None = None,
         auth: BearerToken | None = None,
+        report_checks: bool = True,
+        limits: HttpLimits | None = None,
     ) -> None:
         self._board = board
         self._metrics = metrics
         self._auth = auth
+        self._report_checks = report_checks
+        self._limits = limits or HttpLimits()
         self._routes: dict[str, _Handler] = {SMOKE_TEST_PATH: self._smoke_test}
         for path, service in _PROBES.items():
             self._routes[path] = self._probe(service)
@@ -137,13 +230,16 @@ class HttpFace:
         return probe
 
     def _may_see_checks(self, request: web.BaseRequest) -> bool:
+        """SmokeTest's rule: check names only with report_checks, and with the token if any."""
+        if not self._report_checks:
+            return False
         if self._auth is None:
             return True
         return self._auth.allows((key.lower(), value) for key, value in request.headers.items())
 
     async def _render_metrics(self, request: web.BaseRequest) -> web.Response:
         assert self._metrics is not None  # noqa: S101 - the route exists only with metrics
-        body, content_type = self._metrics.render()
+        body, content_type = self._metrics.render(with_checks=self._may_see_checks(request))
         return web.Response(body=body, headers={**_HEADERS, "Content-Type": content_type})
 
     async def start(self, host: str, port: int) -> int:
@@ -154,10 +250,15 @@ class HttpFace:
         """
         server = _QuietServer(
             self._handle,
+            limits=self._limits,
             max_line_size=_MAX_HEADER_BYTES,
             max_field_size=_MAX_HEADER_BYTES,
+            # aiohttp 3.10+ arms this timer when a connection opens and closes the
+            # connection when it fires without a whole request: the header-read timeout.
+            keepalive_timeout=self._limits.idle_seconds,
+            **({} if self._limits.access_log else {"access_log": None}),
         )
-        self._runner = web.ServerRunner(server, access_log=None, handle_signals=False)
+        self._runner = web.ServerRunner(server, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host or None, port, reuse_port=False)
         try:

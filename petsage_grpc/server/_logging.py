@@ -5,13 +5,23 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from datetime import UTC, datetime
 from typing import Final, Literal
 
-__all__ = ["configure_logging"]
+__all__ = ["WarningTally", "configure_logging"]
 
 # Fields that callers attach with ``extra=`` and that the JSON format carries as keys.
-_EXTRA_FIELDS: Final = ("event", "service", "status", "previous", "address", "port")
+_EXTRA_FIELDS: Final = (
+    "event",
+    "service",
+    "status",
+    "previous",
+    "address",
+    "port",
+    "kind",
+    "count",
+)
 
 
 def _timestamp(record: logging.LogRecord) -> str:
@@ -49,3 +59,45 @@ def configure_logging(*, level: str, fmt: Literal["text", "json"] | str) -> None
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+class WarningTally:
+    """One warning line per kind of event per *period*, with how many there were.
+
+    For what a client can cause at will (malformed requests, refused connections): the
+    first of a kind is logged at once, later ones are counted and reported in one line
+    when the next one comes after *period* seconds, so a flood costs a line a minute.
+    """
+
+    def __init__(self, logger: logging.Logger, what: str, *, period: float = 60.0) -> None:
+        self._logger = logger
+        self._what = what
+        self._period = period
+        self._counts: dict[str, int] = {}
+        self._logged_at: dict[str, float] = {}
+
+    def add(self, kind: str) -> None:
+        """Count one event of *kind* (a short fixed text, never client input)."""
+        now = time.monotonic()
+        self._counts[kind] = self._counts.get(kind, 0) + 1
+        last = self._logged_at.get(kind)
+        if last is not None and now - last < self._period:
+            return
+        count = self._counts.pop(kind)
+        self._logged_at[kind] = now
+        if last is None:
+            self._logger.warning(
+                "%s: %s (more are counted, one line a minute)",
+                self._what,
+                kind,
+                extra={"event": "tally", "kind": kind, "count": count},
+            )
+        else:
+            self._logger.warning(
+                "%s: %s, %d in the last %.0f s",
+                self._what,
+                kind,
+                count,
+                now - last,
+                extra={"event": "tally", "kind": kind, "count": count},
+            )

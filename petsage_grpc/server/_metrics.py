@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, g
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from petsage_grpc.board._check import CHECK_PREFIX
 from petsage_grpc.board._monitor import HealthMonitor
 from petsage_grpc.board._status import ServingStatus, StatusBoard
 
@@ -22,9 +23,14 @@ __all__ = ["Metrics"]
 
 
 class _StateCollector(Collector):
-    def __init__(self, board: StatusBoard, monitor: HealthMonitor | None) -> None:
+    """Board statuses and, with *with_checks*, each dependency check by name."""
+
+    def __init__(
+        self, board: StatusBoard, monitor: HealthMonitor | None, *, with_checks: bool
+    ) -> None:
         self._board = board
         self._monitor = monitor
+        self._with_checks = with_checks
 
     def collect(self) -> Iterator[Metric]:
         serving = GaugeMetricFamily(
@@ -33,9 +39,10 @@ class _StateCollector(Collector):
             labels=["service"],
         )
         for name, status in sorted(self._board.snapshot().items()):
-            serving.add_metric([name], 1.0 if status is ServingStatus.SERVING else 0.0)
+            if self._with_checks or not name.startswith(CHECK_PREFIX):
+                serving.add_metric([name], 1.0 if status is ServingStatus.SERVING else 0.0)
         yield serving
-        if self._monitor is None:
+        if self._monitor is None or not self._with_checks:
             return
         duration = GaugeMetricFamily(
             "petsage_grpc_check_last_duration_seconds",
@@ -65,13 +72,15 @@ class _StateCollector(Collector):
 class _RpcCounter(grpc.aio.ServerInterceptor):
     """Counts finished RPCs by method and status code (unknown methods as one label)."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, *registries: CollectorRegistry) -> None:
         self._total = Counter(
             "petsage_grpc_rpcs",
             "RPCs handled, by method and gRPC status code.",
             ["method", "code"],
-            registry=registry,
+            registry=None,
         )
+        for registry in registries:
+            registry.register(self._total)
 
     async def intercept_service(
         self,
@@ -134,16 +143,25 @@ class _RpcCounter(grpc.aio.ServerInterceptor):
 
 
 class Metrics:
-    """A Prometheus registry for one server: board and check states, and RPC counts.
+    """Prometheus registries for one server: board and check states, and RPC counts.
 
     Install :attr:`interceptor` on the gRPC server to count RPCs; serve :meth:`render`.
+    Check names (``check.<name>`` statuses and the per-check gauges) are rendered only
+    when asked for, so that the caller can apply the rules SmokeTest applies to them.
     """
 
     def __init__(self, board: StatusBoard, monitor: HealthMonitor | None = None) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(_StateCollector(board, monitor))
-        self.interceptor: grpc.aio.ServerInterceptor = _RpcCounter(self.registry)
+        """Everything, check names included."""
+        self.registry.register(_StateCollector(board, monitor, with_checks=True))
+        self._public = CollectorRegistry()
+        self._public.register(_StateCollector(board, monitor, with_checks=False))
+        self.interceptor: grpc.aio.ServerInterceptor = _RpcCounter(self.registry, self._public)
 
-    def render(self) -> tuple[bytes, str]:
-        """The Prometheus text exposition and its content type."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+    def render(self, *, with_checks: bool = True) -> tuple[bytes, str]:
+        """The Prometheus text exposition and its content type.
+
+        Without *with_checks*, nothing in it names a dependency check.
+        """
+        registry = self.registry if with_checks else self._public
+        return generate_latest(registry), CONTENT_TYPE_LATEST

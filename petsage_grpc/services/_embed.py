@@ -42,8 +42,8 @@ def add_to_server(
             Pass False if the application registers reflection itself.
         reflected_services: The application's own fully-qualified service names, to
             list through reflection beside Health, SmokeTestService and reflection.
-        limits: Caps on List size, service name length and open Watch streams
-            (:class:`HealthLimits` defaults if None).
+        limits: Caps on List size, service name length, open Watch streams and calls
+            waiting for their request message (:class:`HealthLimits` defaults if None).
         report_checks: A serving SmokeTest answer lists each dependency check by name
             and state (never targets or errors). False lists none, hiding even names.
         auth_token: A bearer token that List, SmokeTest's per-check detail and (with
@@ -61,12 +61,18 @@ def add_to_server(
     """
     board = StatusBoard() if board is None else board
     auth = None if auth_token is None else BearerToken(auth_token)
-    add_health_service(server, board, limits=limits, auth=auth, probe_server=probe_server)
-    add_smoke_test_service(server, board, report_checks=report_checks, auth=auth)
+    limits = limits or HealthLimits()
+    # One gate for the server's calls that wait for a request message, whatever the service.
+    gate = limits.request_gate()
+    add_health_service(
+        server, board, limits=limits, auth=auth, probe_server=probe_server, gate=gate
+    )
+    add_smoke_test_service(server, board, report_checks=report_checks, auth=auth, gate=gate)
     if reflection:
         add_reflection_service(
             server,
             [HEALTH_SERVICE, SMOKE_TEST_SERVICE, *reflected_services],
             auth=auth if protect_reflection else None,
+            gate=gate,
         )
     return board

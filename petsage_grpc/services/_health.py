@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2
 
 from petsage_grpc.board._status import ServingStatus, StatusBoard
 from petsage_grpc.services._auth import UNAUTHENTICATED_DETAILS, BearerToken
-from petsage_grpc.services._registration import one_request, register_service
+from petsage_grpc.services._registration import RequestGate, register_service
 
 __all__ = ["HEALTH_SERVICE", "HealthLimits", "add_health_service"]
 
@@ -44,6 +44,13 @@ class HealthLimits:
     """Open Watch streams in all; one more is refused with RESOURCE_EXHAUSTED."""
     max_watch_streams_per_connection: int = 1_000
     """Open Watch streams on one connection (clients need one per service they follow)."""
+    max_calls_awaiting_request: int = 2_000
+    """Calls (of every service) waiting for their request message; one more is refused
+    with RESOURCE_EXHAUSTED. Clients send the message with the call, so only a client
+    that holds calls open on purpose ever meets it."""
+    request_timeout_seconds: float = 10.0
+    """A call whose request message has not come this long after it began ends with
+    DEADLINE_EXCEEDED."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -51,9 +58,20 @@ class HealthLimits:
             "max_service_name_length",
             "max_watch_streams",
             "max_watch_streams_per_connection",
+            "max_calls_awaiting_request",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if not self.request_timeout_seconds > 0:
+            raise ValueError(
+                f"request_timeout_seconds must be above 0, not {self.request_timeout_seconds}"
+            )
+
+    def request_gate(self) -> RequestGate:
+        """A new gate for one server's calls that wait for their request message."""
+        return RequestGate(
+            max_waiting=self.max_calls_awaiting_request, timeout=self.request_timeout_seconds
+        )
 
 
 class _BadRequestError(Exception):
@@ -61,10 +79,17 @@ class _BadRequestError(Exception):
 
 
 class _HealthServicer:
-    def __init__(self, board: StatusBoard, limits: HealthLimits, auth: BearerToken | None) -> None:
+    def __init__(
+        self,
+        board: StatusBoard,
+        limits: HealthLimits,
+        auth: BearerToken | None,
+        gate: RequestGate,
+    ) -> None:
         self._board = board
         self._limits = limits
         self._auth = auth
+        self._gate = gate
         self._watches = 0
         self._watches_by_peer: Counter[str] = Counter()
 
@@ -83,7 +108,7 @@ class _HealthServicer:
     async def check(
         self, requests: object, context: grpc.aio.ServicerContext[bytes, bytes]
     ) -> bytes:
-        request = await one_request(context)
+        request = await self._gate.read(context)
         # Envoy fails a health check whose response frame is compressed. For unary calls
         # grpc.aio ignores set_compression(), so the message itself is exempted.
         context.disable_next_message_compression()
@@ -98,7 +123,7 @@ class _HealthServicer:
     async def watch(
         self, requests: object, context: grpc.aio.ServicerContext[bytes, bytes]
     ) -> AsyncIterator[bytes]:
-        request = await one_request(context)
+        request = await self._gate.read(context)
         context.set_compression(_NO_COMPRESSION)
         try:
             service = self._service_name(request)
@@ -134,7 +159,7 @@ class _HealthServicer:
     async def list(
         self, requests: object, context: grpc.aio.ServicerContext[bytes, bytes]
     ) -> bytes:
-        request = await one_request(context)
+        request = await self._gate.read(context)
         context.disable_next_message_compression()
         if self._auth is not None and not self._auth.allows(context.invocation_metadata()):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_DETAILS)
@@ -161,16 +186,19 @@ def add_health_service(
     limits: HealthLimits | None = None,
     auth: BearerToken | None = None,
     probe_server: grpc.aio.Server | None = None,
+    gate: RequestGate | None = None,
 ) -> None:
     """Register ``grpc.health.v1.Health`` on *server*, answering from *board*.
 
     With *auth*, List requires the bearer token; Check and Watch never do. On
     *probe_server* (a plaintext port for kubelet probes beside a TLS one) only Check and
-    Watch are registered, sharing *server*'s Watch stream caps.
+    Watch are registered, sharing *server*'s Watch stream caps. *gate* bounds the calls
+    waiting for their request message (one from *limits* if None).
     """
-    servicer = _HealthServicer(board, limits or HealthLimits(), auth)
+    limits = limits or HealthLimits()
+    servicer = _HealthServicer(board, limits, auth, gate or limits.request_gate())
     handlers: dict[str, grpc.RpcMethodHandler[bytes, bytes]] = {
-        # Streaming on the server side only: see one_request(). Clients see unary calls.
+        # Streaming on the server side only: see RequestGate. Clients see unary calls.
         "Check": grpc.stream_unary_rpc_method_handler(servicer.check),
         "Watch": grpc.stream_stream_rpc_method_handler(servicer.watch),
         "List": grpc.stream_unary_rpc_method_handler(servicer.list),

@@ -13,14 +13,14 @@ every pod at start-up.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 from google.protobuf.message import DecodeError, Message
 
 from petsage_grpc.services._auth import UNAUTHENTICATED_DETAILS, BearerToken
-from petsage_grpc.services._registration import register_service
+from petsage_grpc.services._registration import RequestGate, register_service
 
 if TYPE_CHECKING:
     from grpc_reflection.v1alpha._async import ReflectionServicer
@@ -71,9 +71,10 @@ class _Reflection:
     log a traceback for it. The servicer is built by the first call.
     """
 
-    def __init__(self, listed: list[str], auth: BearerToken | None) -> None:
+    def __init__(self, listed: list[str], auth: BearerToken | None, gate: RequestGate) -> None:
         self._listed = listed
         self._auth = auth
+        self._gate = gate
         self._servicer: ReflectionServicer | None = None
 
     def _loaded(self) -> ReflectionServicer:
@@ -85,7 +86,7 @@ class _Reflection:
         return self._servicer
 
     async def serve(
-        self, requests: AsyncIterable[bytes], context: grpc.aio.ServicerContext[Any, Any]
+        self, requests: object, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Message]:
         if self._auth is not None and not self._auth.allows(context.invocation_metadata()):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_DETAILS)
@@ -94,7 +95,9 @@ class _Reflection:
         servicer = self._loaded()
 
         async def parsed() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
-            async for raw in requests:
+            # Every request through the gate: a session that goes quiet without ending
+            # its stream is ended, like a call that never sends its first message.
+            while (raw := await self._gate.read_next(context)) is not None:
                 try:
                     yield reflection_pb2.ServerReflectionRequest.FromString(raw)
                 except DecodeError:
@@ -111,14 +114,19 @@ def _serialize(message: Message) -> bytes:
 
 
 def add_reflection_service(
-    server: grpc.aio.Server, service_names: Iterable[str], *, auth: BearerToken | None = None
+    server: grpc.aio.Server,
+    service_names: Iterable[str],
+    *,
+    auth: BearerToken | None = None,
+    gate: RequestGate,
 ) -> None:
     """Serve reflection (v1 and v1alpha) on *server*, listing *service_names* and itself.
 
     With *auth*, every reflection call requires the bearer token (UNAUTHENTICATED
-    otherwise). A request that does not parse ends the call with INVALID_ARGUMENT.
+    otherwise). A request that does not parse ends the call with INVALID_ARGUMENT. *gate*
+    bounds the wait for each request.
     """
-    reflection = _Reflection(sorted({*service_names, *REFLECTION_SERVICES}), auth)
+    reflection = _Reflection(sorted({*service_names, *REFLECTION_SERVICES}), auth, gate)
     handler: grpc.RpcMethodHandler[bytes, Message] = grpc.stream_stream_rpc_method_handler(
         reflection.serve, response_serializer=_serialize
     )

@@ -11,7 +11,7 @@ from petsage_grpc._generated.petsage.v1 import smoke_test_service_pb2
 from petsage_grpc.board._check import CHECK_PREFIX
 from petsage_grpc.board._status import SMOKE_TEST_SERVICE, ServingStatus, StatusBoard
 from petsage_grpc.services._auth import BearerToken
-from petsage_grpc.services._registration import one_request, register_service
+from petsage_grpc.services._registration import RequestGate, register_service
 
 __all__ = ["NOT_SERVING_DETAILS", "SMOKE_TEST_MESSAGE", "add_smoke_test_service", "check_states"]
 
@@ -43,9 +43,15 @@ def _answer(checks: dict[str, bool]) -> bytes:
 
 class _SmokeTestServicer:
     def __init__(
-        self, board: StatusBoard, *, report_checks: bool, auth: BearerToken | None
+        self,
+        board: StatusBoard,
+        *,
+        report_checks: bool,
+        auth: BearerToken | None,
+        gate: RequestGate,
     ) -> None:
         self._board = board
+        self._gate = gate
         self._report_checks = report_checks
         self._auth = auth
         self._plain = _answer({})
@@ -53,7 +59,7 @@ class _SmokeTestServicer:
     async def smoke_test(
         self, requests: object, context: grpc.aio.ServicerContext[bytes, bytes]
     ) -> bytes:
-        request = await one_request(context)
+        request = await self._gate.read(context)
         try:
             smoke_test_service_pb2.SmokeTestRequest.FromString(request)
         except DecodeError:
@@ -74,14 +80,16 @@ def add_smoke_test_service(
     *,
     report_checks: bool = True,
     auth: BearerToken | None = None,
+    gate: RequestGate,
 ) -> None:
     """Register ``petsage.v1.SmokeTestService`` on *server*, answering from *board*.
 
     With *report_checks*, a serving answer lists each dependency check (``check.<name>``
     on the board) by name with its state; without, it lists none. With *auth*, the list
     is given only to callers that send the bearer token; others get the plain answer.
+    *gate* bounds the calls waiting for their request message.
     """
-    servicer = _SmokeTestServicer(board, report_checks=report_checks, auth=auth)
+    servicer = _SmokeTestServicer(board, report_checks=report_checks, auth=auth, gate=gate)
     handlers: dict[str, grpc.RpcMethodHandler[bytes, bytes]] = {
         "SmokeTest": grpc.stream_unary_rpc_method_handler(servicer.smoke_test),
     }
