@@ -113,8 +113,10 @@ def _serve_options(values: Mapping[str, Any], config: Config) -> ServeOptions:
     """Combine resolved settings and the file into ServeOptions.
 
     Raises:
-        ValueError: TLS files are incomplete or unusable, or the token file is unusable.
+        ValueError: TLS files are incomplete or unusable, the token file is unusable, or
+            the memory budget is too small.
     """
+    from petsage_grpc.server._budget import derive_bounds  # noqa: PLC0415
     from petsage_grpc.server._server import ServeOptions  # noqa: PLC0415
     from petsage_grpc.services._auth import BearerToken  # noqa: PLC0415
     from petsage_grpc.services._health import HealthLimits  # noqa: PLC0415
@@ -132,6 +134,11 @@ def _serve_options(values: Mapping[str, Any], config: Config) -> ServeOptions:
     token = config.auth_token
     if values["auth_token_file"] is not None:
         token = BearerToken.read_file(values["auth_token_file"])
+    bounds = derive_bounds(
+        values["memory_budget"],
+        max_watch_streams=values["max_watch_streams"],
+        max_watch_streams_per_connection=values["max_watch_streams_per_connection"],
+    )
     return ServeOptions(
         host=values["host"],
         port=values["port"],
@@ -143,9 +150,12 @@ def _serve_options(values: Mapping[str, Any], config: Config) -> ServeOptions:
         auth_token=token,
         protect_reflection=config.protect_reflection,
         limits=HealthLimits(
-            max_watch_streams=values["max_watch_streams"],
-            max_watch_streams_per_connection=values["max_watch_streams_per_connection"],
+            max_watch_streams=bounds.max_watch_streams,
+            max_watch_streams_per_connection=bounds.max_watch_streams_per_connection,
+            max_calls_awaiting_request=bounds.max_calls_awaiting_request,
         ),
+        bounds=bounds,
+        http_access_log=values["http_access_log"],
         checks=config.checks,
         report_checks=config.report_checks,
         config_path=values["config"],

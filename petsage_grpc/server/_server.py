@@ -26,6 +26,8 @@ from petsage_grpc.services._health import HealthLimits
 __all__ = ["SERVER_OPTIONS", "ListenError", "ServeOptions", "format_address", "serve"]
 
 if TYPE_CHECKING:
+    from petsage_grpc.server._budget import Bounds
+    from petsage_grpc.server._guard import MemoryGuard
     from petsage_grpc.server._http import HttpFace
     from petsage_grpc.server._reload import ConfigReloader
     from petsage_grpc.server._tls import TlsFiles
@@ -46,6 +48,13 @@ SERVER_OPTIONS: Final[tuple[tuple[str, int], ...]] = (
     # Per connection: the Watch cap per connection and room for unary calls beside it.
     # Beyond it, HTTP/2 makes the client wait instead of the server holding more calls.
     ("grpc.max_concurrent_streams", 1_100),
+    # grpc core's own defaults (8 KiB soft, 16 KiB hard), stated: a health request's
+    # metadata is a few hundred bytes.
+    ("grpc.max_metadata_size", 8 * 1024),
+    ("grpc.absolute_max_metadata_size", 16 * 1024),
+    # A connection that has not finished its TLS handshake or HTTP/2 preface in 10 s is
+    # closed (grpc's default is 120 s).
+    ("grpc.server_handshake_timeout_ms", 10_000),
     # Find dead peers that hold Watch streams; refuse clients that ping too often.
     ("grpc.keepalive_time_ms", 60_000),
     ("grpc.keepalive_timeout_ms", 20_000),
@@ -93,6 +102,11 @@ class ServeOptions:
     """The configuration file that SIGHUP re-reads (its checks change without a restart)."""
     config_poll_seconds: float = 0.0
     """Also re-read the configuration file when it changes, looking this often; 0: off."""
+    bounds: Bounds | None = None
+    """Caps derived from a memory budget (``derive_bounds``), with the memory watermark;
+    None: SERVER_OPTIONS and *limits* alone, no watermark."""
+    http_access_log: bool = False
+    """Log one INFO line per HTTP request."""
 
 
 class ListenError(Exception):
@@ -151,6 +165,7 @@ class _Assembly:
     port: int
     monitor: HealthMonitor
     http: HttpFace | None
+    guard: MemoryGuard | None
 
 
 def _check_addresses(options: ServeOptions) -> None:
@@ -177,7 +192,7 @@ async def _assemble(options: ServeOptions, board: StatusBoard) -> _Assembly:
     if options.http_port is not None:
         # aiohttp and prometheus-client cost a quarter of a second to import and memory
         # to hold: only for servers that serve HTTP.
-        from petsage_grpc.server._http import HttpFace  # noqa: PLC0415
+        from petsage_grpc.server._http import HttpFace, HttpLimits  # noqa: PLC0415
         from petsage_grpc.server._metrics import Metrics  # noqa: PLC0415
 
         metrics = Metrics(board, monitor)
@@ -186,10 +201,24 @@ async def _assemble(options: ServeOptions, board: StatusBoard) -> _Assembly:
             metrics=metrics,
             auth=None if options.auth_token is None else BearerToken(options.auth_token),
             report_checks=options.report_checks,
+            limits=HttpLimits(access_log=options.http_access_log),
         )
-    server = grpc.aio.server(
-        options=SERVER_OPTIONS, interceptors=[metrics.interceptor] if metrics else None
-    )
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    server_options = SERVER_OPTIONS
+    guard = None
+    if options.bounds is not None:
+        from petsage_grpc.server._guard import MemoryGuard  # noqa: PLC0415
+
+        # Later options win in grpc core: the budget's caps replace SERVER_OPTIONS' ones.
+        server_options = (*SERVER_OPTIONS, *options.bounds.grpc_options())
+        guard = MemoryGuard(
+            budget_mib=options.bounds.budget_mib, watermark_mib=options.bounds.watermark_mib
+        )
+        interceptors.append(guard)
+    if metrics is not None:
+        interceptors.append(metrics.interceptor)
+    # The budget's caps belong to the main server; the probe server keeps its own.
+    server = grpc.aio.server(options=server_options, interceptors=interceptors or None)
     servers = [server]
     probe_server = None
     if options.probe_port is not None:
@@ -217,7 +246,7 @@ async def _assemble(options: ServeOptions, board: StatusBoard) -> _Assembly:
         # Lost a race for a port since the check above; grpc has logged the details.
         await asyncio.gather(*(each.stop(None) for each in servers))
         raise ListenError(f"cannot listen on {address}") from None
-    return _Assembly(servers=servers, port=port, monitor=monitor, http=http)
+    return _Assembly(servers=servers, port=port, monitor=monitor, http=http, guard=guard)
 
 
 async def serve(
@@ -246,6 +275,9 @@ async def serve(
         stack.push_async_callback(parts.monitor.stop)
         for each in parts.servers:
             await each.start()
+        if parts.guard is not None:
+            parts.guard.start()
+            stack.push_async_callback(parts.guard.stop)
         if parts.http is not None and options.http_port is not None:
             try:
                 await parts.http.start(options.host, options.http_port)

@@ -63,6 +63,30 @@ def _positive(value: object) -> int:
     return int(text)
 
 
+def _mebibytes(value: object) -> int:
+    """A size in MiB: 128, "128", "128Mi", "128MiB" or "1Gi"."""
+    text = str(value).strip()
+    scale = 1
+    for suffix, factor in (("GiB", 1024), ("Gi", 1024), ("MiB", 1), ("Mi", 1)):
+        if text.endswith(suffix):
+            text, scale = text.removesuffix(suffix), factor
+            break
+    if isinstance(value, bool) or not text.isdigit() or int(text) < 1:
+        raise ValueError(f"not a size in MiB (e.g. 128, 128Mi, 1Gi): {value!r}")
+    return int(text) * scale
+
+
+def _boolean(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"not true or false: {value!r}")
+
+
 def _path(value: object) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError(f"not a file path: {value!r}")
@@ -138,16 +162,31 @@ SERVER_SETTINGS: Final = (
         "only on SIGHUP)",
     ),
     Setting(
+        "memory_budget",
+        _mebibytes,
+        128,
+        "memory the server must stay within, in MiB (e.g. 128, 512Mi, 1Gi); every per-client "
+        "cap is derived from it (default: 128, the manifest's limit)",
+    ),
+    Setting(
         "max_watch_streams",
         _positive,
-        50_000,
-        "open Watch streams in all before RESOURCE_EXHAUSTED (default: 50000)",
+        None,
+        "open Watch streams in all before RESOURCE_EXHAUSTED (default: from --memory-budget, "
+        "1638 for 128 MiB)",
     ),
     Setting(
         "max_watch_streams_per_connection",
         _positive,
-        1_000,
-        "open Watch streams on one connection before RESOURCE_EXHAUSTED (default: 1000)",
+        None,
+        "open Watch streams on one connection before RESOURCE_EXHAUSTED (default: 1000, or "
+        "the total cap if lower)",
+    ),
+    Setting(
+        "http_access_log",
+        _boolean,
+        False,
+        "log one INFO line per HTTP request (default: false)",
     ),
 )
 

@@ -45,9 +45,9 @@ class HealthLimits:
     max_watch_streams_per_connection: int = 1_000
     """Open Watch streams on one connection (clients need one per service they follow)."""
     max_calls_awaiting_request: int = 2_000
-    """Calls (of every service) waiting for their request message; one more is refused
-    with RESOURCE_EXHAUSTED. Clients send the message with the call, so only a client
-    that holds calls open on purpose ever meets it."""
+    """Calls (of every service) waiting for their request message; one more ends the
+    oldest with RESOURCE_EXHAUSTED. Clients send the message with the call, so only a
+    client that holds calls open on purpose ever meets it."""
     request_timeout_seconds: float = 10.0
     """A call whose request message has not come this long after it began ends with
     DEADLINE_EXCEEDED."""

@@ -20,9 +20,11 @@ class RequestGate:
     never answered by grpc.aio; one whose client sends HEADERS and then nothing holds
     ~23 KiB (grpc core's call state) until the client gives up. Read through the gate,
     the first ends at once with INVALID_ARGUMENT, the second after *timeout* seconds
-    with DEADLINE_EXCEEDED, and beyond *max_waiting* such calls a new one is refused with
-    RESOURCE_EXHAUSTED. A well-behaved client sends its message with its HEADERS, so it
-    never waits here. One gate per server: a second listener has caps of its own.
+    with DEADLINE_EXCEEDED. With *max_waiting* calls waiting, a new one ends the oldest
+    (RESOURCE_EXHAUSTED): a well-behaved client sends its message with its HEADERS, so
+    it waits here only for an instant and is never the oldest, and a probe still gets
+    through while a client holds calls on purpose. One gate per server: a second
+    listener has caps of its own.
     """
 
     def __init__(self, *, max_waiting: int, timeout: float) -> None:
@@ -34,6 +36,7 @@ class RequestGate:
         # (a timer per call would cost the Check hot path a heap push and a cancel).
         self._deadlines: dict[asyncio.Task[Any], float] = {}
         self._expired: set[asyncio.Task[Any]] = set()
+        self._evicted: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.Task[None] | None = None
 
     @property
@@ -55,9 +58,12 @@ class RequestGate:
         task = asyncio.current_task()
         assert task is not None  # noqa: S101 - handlers run in tasks
         if len(self._deadlines) >= self._max_waiting:
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED, "too many calls waiting for a request message"
-            )
+            # The oldest first: dicts keep insertion order.
+            oldest = next(iter(self._deadlines))
+            if oldest not in self._expired:
+                self._expired.add(oldest)
+                self._evicted.add(oldest)
+                oldest.cancel()
         loop = asyncio.get_running_loop()
         self._deadlines[task] = loop.time() + self._timeout
         if self._sweeper is None:
@@ -75,6 +81,12 @@ class RequestGate:
         finally:
             self._deadlines.pop(task, None)
             self._expired.discard(task)
+            evicted = task in self._evicted
+            self._evicted.discard(task)
+        if evicted:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, "too many calls waiting for a request message"
+            )
         if expired:
             await context.abort(
                 grpc.StatusCode.DEADLINE_EXCEEDED,

@@ -1,0 +1,105 @@
+"""One memory budget for the standalone server, and every per-client cap derived from it.
+
+The arithmetic (docs/reliability.md, "Memory budget"): a started server with the HTTP
+face holds about 55 MiB; :data:`BASELINE_MIB` keeps 64 for it. Of the rest, Watch
+streams get 60 % at 24 KiB each, calls waiting for their request message 10 % at 24 KiB,
+gRPC connections 10 % at 32 KiB, and 20 % is left for what is in flight (requests being
+parsed, responses being written, the allocator's slack). A watermark at 90 % of the
+budget refuses new Watch streams and gives freed memory back to the system
+(:mod:`petsage_grpc.server._guard`).
+"""
+
+from __future__ import annotations
+
+import resource
+from dataclasses import dataclass
+from typing import Final
+
+__all__ = ["BASELINE_MIB", "DEFAULT_BUDGET_MIB", "Bounds", "derive_bounds"]
+
+DEFAULT_BUDGET_MIB: Final = 128
+"""deploy/kubernetes.yaml's memory limit (128Mi); a test keeps the two equal."""
+BASELINE_MIB: Final = 64
+"""A started server with the HTTP face, warmed, with room (measured: 52-56 MiB)."""
+WATCH_STREAM_KIB: Final = 24
+"""RSS per open Watch stream, mostly grpc core's call state (docs/benchmarks.md: 23-24)."""
+WAITING_CALL_KIB: Final = 24
+"""RSS per call held before its request message (measured: ~23.5 KiB)."""
+GRPC_CONNECTION_KIB: Final = 32
+"""RSS per open, idle gRPC connection (measured: ~17 KiB; buffers grow with use)."""
+FD_RESERVE: Final = 64
+"""File descriptors never handed to clients: logs, config reloads, dependency checks."""
+HTTP_CONNECTIONS: Final = 256
+"""The HTTP face's cap (HttpLimits.max_connections)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Bounds:
+    """The caps of one standalone server, derived from its memory budget."""
+
+    budget_mib: int
+    max_watch_streams: int
+    max_watch_streams_per_connection: int
+    max_calls_awaiting_request: int
+    max_grpc_connections: int
+    max_streams_per_connection: int
+    watermark_mib: int
+
+    def grpc_options(self) -> tuple[tuple[str, int], ...]:
+        """Channel arguments for the main server's ``grpc.aio.server`` (after SERVER_OPTIONS)."""
+        return (
+            # Calls grpc core holds before the application takes them: a reconnect burst
+            # of every Watch stream the budget holds still fits under the hard limit
+            # (between the two, grpc core refuses some at random; clients retry), and a
+            # rapid-reset flood queues no more than that.
+            ("grpc.server.max_pending_requests", self.max_calls_awaiting_request),
+            ("grpc.server.max_pending_requests_hard_limit", self.max_watch_streams),
+            ("grpc.max_concurrent_streams", self.max_streams_per_connection),
+            # Beyond it grpc core closes a new connection as soon as it is accepted.
+            ("grpc.max_allowed_incoming_connections", self.max_grpc_connections),
+        )
+
+
+def _open_files_limit() -> int:
+    """RLIMIT_NOFILE, raised to its hard limit first (allowed without privileges)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+def derive_bounds(
+    budget_mib: int,
+    *,
+    max_watch_streams: int | None = None,
+    max_watch_streams_per_connection: int | None = None,
+) -> Bounds:
+    """The caps that keep a server inside *budget_mib* MiB (explicit Watch caps win).
+
+    Raises:
+        ValueError: the budget is below what a started server needs.
+    """
+    if budget_mib < BASELINE_MIB + 16:
+        raise ValueError(f"memory budget must be at least {BASELINE_MIB + 16} MiB")
+    spare_kib = (budget_mib - BASELINE_MIB) * 1024
+    watch = max_watch_streams or max(100, int(spare_kib * 0.6) // WATCH_STREAM_KIB)
+    per_connection = max_watch_streams_per_connection or min(1_000, watch)
+    waiting = max(100, int(spare_kib * 0.1) // WAITING_CALL_KIB)
+    connections = max(64, int(spare_kib * 0.1) // GRPC_CONNECTION_KIB)
+    # Descriptors: the gRPC and HTTP caps, plus a reserve, fit under the process limit,
+    # so that accept() never fails with EMFILE and a probe can always connect.
+    connections = min(connections, _open_files_limit() - HTTP_CONNECTIONS - FD_RESERVE)
+    return Bounds(
+        budget_mib=budget_mib,
+        max_watch_streams=watch,
+        max_watch_streams_per_connection=per_connection,
+        max_calls_awaiting_request=waiting,
+        max_grpc_connections=max(16, connections),
+        # The Watch cap per connection and room for unary calls beside it.
+        max_streams_per_connection=per_connection + 100,
+        watermark_mib=budget_mib * 9 // 10,
+    )

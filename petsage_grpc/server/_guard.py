@@ -1,0 +1,118 @@
+"""The standalone server's memory watermark, and memory given back after a peak.
+
+grpc core does not bound everything a client can make it hold (docs/reliability.md:
+the CONTINUATION flood), and glibc keeps freed heap memory, so RSS after an attack
+would stay near its peak. Once a second the guard reads the process's RSS:
+
+- above the watermark, new Watch streams on the main server are refused with
+  RESOURCE_EXHAUSTED (one warning line), until RSS is back under 80 % of the budget;
+- when RSS is more than 1.3 times what it was once started, ``malloc_trim(0)`` returns
+  free heap pages to the system (at most every 5 s: it walks the heap).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+import grpc
+
+__all__ = ["MemoryGuard"]
+
+_log = logging.getLogger("petsage_grpc.server")
+_PAGE: Final = os.sysconf("SC_PAGE_SIZE")
+_WATCH: Final = "/grpc.health.v1.Health/Watch"
+_TRIM_RATIO: Final = 1.3
+_TRIM_EVERY: Final = 5.0
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm", "rb") as statm:
+        return int(statm.read().split()[1]) * _PAGE
+
+
+def _malloc_trim() -> Callable[[], Any] | None:
+    """The C library's malloc_trim(0) (glibc), or None where there is none (musl, macOS)."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return lambda: trim(0)
+
+
+class MemoryGuard(grpc.aio.ServerInterceptor):
+    """Watches RSS against *watermark_mib* of *budget_mib*; install it on the main server."""
+
+    def __init__(self, *, budget_mib: int, watermark_mib: int) -> None:
+        self._watermark = watermark_mib * 2**20
+        self._release = budget_mib * 2**20 * 8 // 10
+        self._budget_mib = budget_mib
+        self.shedding = False
+        self._trim = _malloc_trim()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start reading RSS once a second (on the running loop)."""
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        started_at = _rss_bytes()
+        trimmed_at = 0.0
+        while True:
+            await asyncio.sleep(1.0)
+            rss = _rss_bytes()
+            if not self.shedding and rss > self._watermark:
+                self.shedding = True
+                _log.warning(
+                    "memory at %d MiB, above 90 %% of the %d MiB budget: refusing new Watch "
+                    "streams until it is back under 80 %%",
+                    rss >> 20,
+                    self._budget_mib,
+                    extra={"event": "memory_high"},
+                )
+            elif self.shedding and rss < self._release:
+                self.shedding = False
+                _log.warning(
+                    "memory back at %d MiB: accepting Watch streams again",
+                    rss >> 20,
+                    extra={"event": "memory_ok"},
+                )
+            now = loop.time()
+            if self._trim and rss > started_at * _TRIM_RATIO and now - trimmed_at > _TRIM_EVERY:
+                trimmed_at = now
+                self._trim()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        if self.shedding and handler_call_details.method == _WATCH:
+            return _REFUSE_WATCH
+        return await continuation(handler_call_details)
+
+
+async def _refuse(request: object, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "the server is short of memory")
+
+
+_REFUSE_WATCH: Final[grpc.RpcMethodHandler[Any, Any]] = grpc.unary_unary_rpc_method_handler(_refuse)
