@@ -138,3 +138,29 @@ def test_server_started_as_in_the_manifest_answers_every_probe(
     running.signal()
     assert running.wait(timeout=float(env["PETSAGE_GRPC_DRAIN_SECONDS"]) + 10) == 0
     assert postgres_cluster.password not in running.log()
+
+
+def _mebibytes(quantity: str) -> int:
+    units = {"Mi": 1, "Gi": 1024}
+    for suffix, factor in units.items():
+        if quantity.endswith(suffix):
+            return int(quantity.removesuffix(suffix)) * factor
+    raise AssertionError(f"memory quantity not in Mi or Gi: {quantity!r}")
+
+
+def test_manifest_memory_and_the_server_budget_agree() -> None:
+    """The container's limit is the budget the server runs with (its caps are derived from
+    it), and its request covers what a started server holds."""
+    from petsage_grpc.server._budget import BASELINE_MIB  # noqa: PLC0415
+    from petsage_grpc.server._settings import SERVER_SETTINGS  # noqa: PLC0415
+
+    (container,) = _containers()
+    memory = container["resources"]
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    config = tomllib.loads(_one("ConfigMap")["data"]["petsage.toml"])
+    (setting,) = (s for s in SERVER_SETTINGS if s.name == "memory_budget")
+    budget = setting.convert(
+        env.get(setting.env) or config.get("server", {}).get("memory_budget") or setting.default
+    )
+    assert _mebibytes(memory["limits"]["memory"]) == budget
+    assert _mebibytes(memory["requests"]["memory"]) >= BASELINE_MIB

@@ -49,11 +49,14 @@ class Bounds:
         """Channel arguments for the main server's ``grpc.aio.server`` (after SERVER_OPTIONS)."""
         return (
             # Calls grpc core holds before the application takes them: a reconnect burst
-            # of every Watch stream the budget holds still fits under the hard limit
-            # (between the two, grpc core refuses some at random; clients retry), and a
-            # rapid-reset flood queues no more than that.
-            ("grpc.server.max_pending_requests", self.max_calls_awaiting_request),
-            ("grpc.server.max_pending_requests_hard_limit", self.max_watch_streams),
+            # of every Watch stream the budget holds fits under the soft limit (above it
+            # grpc core refuses some at random, above the hard one all), and a rapid-reset
+            # flood queues no more than the budget holds.
+            ("grpc.server.max_pending_requests", self.max_watch_streams),
+            (
+                "grpc.server.max_pending_requests_hard_limit",
+                self.max_watch_streams + self.max_calls_awaiting_request,
+            ),
             ("grpc.max_concurrent_streams", self.max_streams_per_connection),
             # Beyond it grpc core closes a new connection as soon as it is accepted.
             ("grpc.max_allowed_incoming_connections", self.max_grpc_connections),

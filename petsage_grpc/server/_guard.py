@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -39,11 +37,11 @@ def _rss_bytes() -> int:
 
 def _malloc_trim() -> Callable[[], Any] | None:
     """The C library's malloc_trim(0) (glibc), or None where there is none (musl, macOS)."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
+    # ctypes is loaded only once memory has grown: most servers never need it.
+    import ctypes  # noqa: PLC0415
+
     try:
-        trim = ctypes.CDLL(name).malloc_trim
+        trim = ctypes.CDLL(None).malloc_trim  # the process's own symbols: libc is there
     except (OSError, AttributeError):
         return None
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
@@ -58,7 +56,8 @@ class MemoryGuard(grpc.aio.ServerInterceptor):
         self._release = budget_mib * 2**20 * 8 // 10
         self._budget_mib = budget_mib
         self.shedding = False
-        self._trim = _malloc_trim()
+        self._trim: Callable[[], Any] | None = None
+        self._trim_missing = False
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -95,9 +94,16 @@ class MemoryGuard(grpc.aio.ServerInterceptor):
                     extra={"event": "memory_ok"},
                 )
             now = loop.time()
-            if self._trim and rss > started_at * _TRIM_RATIO and now - trimmed_at > _TRIM_EVERY:
+            if rss > started_at * _TRIM_RATIO and now - trimmed_at > _TRIM_EVERY:
                 trimmed_at = now
-                self._trim()
+                self._give_back()
+
+    def _give_back(self) -> None:
+        if self._trim is None and not self._trim_missing:
+            self._trim = _malloc_trim()
+            self._trim_missing = self._trim is None
+        if self._trim is not None:
+            self._trim()
 
     async def intercept_service(
         self,

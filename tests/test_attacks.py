@@ -1,0 +1,344 @@
+"""A short form of each attack of scripts/attack.py against ``petsage-grpc serve``.
+
+Each runs for a few seconds against a fresh server with the default memory budget (the
+manifest's 128 MiB) and asserts structure, not timing: the server stays up, answers a
+probe afterwards, and closes or refuses what it should (calls held without a request
+message end with RESOURCE_EXHAUSTED or DEADLINE_EXCEEDED; Watch streams beyond the
+derived cap are refused; HTTP connections beyond the per-peer cap are closed at once;
+idle connections are closed; a malformed request costs at most one log line). The full
+30-second runs with their figures are in docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import select
+import socket
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Final
+
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+from conftest import ROOT, ServerProcess
+from hardening import wait_until
+from tcp_listener import TcpListener, free_port
+
+from petsage_grpc.server._budget import derive_bounds
+
+SpawnServer = Callable[..., ServerProcess]
+
+ATTACK_SECONDS: Final = 3.0
+IO_TIMEOUT: Final = 30.0
+"""Bound on waiting for the server to end or refuse something (it may be busy)."""
+BOUNDS: Final = derive_bounds(128)
+"""What the default budget allows (the same arithmetic the server runs)."""
+
+
+def _load_harness() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("attack", ROOT / "scripts" / "attack.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["attack"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+attack = _load_harness()
+
+
+@pytest.fixture
+def http_server(spawn_server: SpawnServer) -> tuple[ServerProcess, int]:
+    port = free_port()
+    return spawn_server("--http-port", str(port)), port
+
+
+def probe_answers(server: ServerProcess) -> bool:
+    """A kubelet-model probe (new connection, Check readiness, 1 s) answers SERVING."""
+    return any(asyncio.run(attack.probe_once(server.port)) for _ in range(5))
+
+
+def run_attack(name: str, port: int, connections: int) -> Any:
+    """Run attack *name* against *port* from *connections* connections for a few seconds;
+    return the harness's Tally."""
+
+    async def timed() -> Any:
+        tally, stop = attack.Tally(), asyncio.Event()
+        tasks = [
+            asyncio.create_task(
+                attack.attacker(port, attack.ATTACK_FUNCTIONS[name], tally, index, stop)
+            )
+            for index in range(connections)
+        ]
+        await asyncio.sleep(ATTACK_SECONDS)
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), IO_TIMEOUT)
+        return tally
+
+    return asyncio.run(timed())
+
+
+def grpc_statuses(
+    port: int, *, path: str, count: int, body: bytes | None, until: Callable[[dict[int, str]], bool]
+) -> dict[int, str]:
+    """Open *count* calls on one connection (with *body*, or HEADERS alone and held open);
+    return each stream's outcome: its grpc-status, or "data" for a first message."""
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    outcomes: dict[int, str] = {}
+    with socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) as sock:
+        headers = [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", path),
+            (":authority", "127.0.0.1"),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+        ]
+        for index in range(count):
+            stream = 2 * index + 1
+            conn.send_headers(stream, headers, end_stream=False)
+            if body is not None:
+                conn.send_data(stream, body, end_stream=False)
+        sock.sendall(conn.data_to_send())
+        deadline = time.monotonic() + IO_TIMEOUT
+        while not until(outcomes) and time.monotonic() < deadline:
+            data = sock.recv(65536)
+            if not data:
+                break
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.DataReceived):
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                    outcomes.setdefault(event.stream_id, "data")
+                elif isinstance(event, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
+                    for key, value in event.headers:
+                        if key in {b"grpc-status", "grpc-status"}:
+                            status = value.decode() if isinstance(value, bytes) else value
+                            outcomes[event.stream_id] = status
+                elif isinstance(event, h2.events.StreamReset):
+                    outcomes.setdefault(event.stream_id, "reset")
+            sock.sendall(conn.data_to_send())
+    return outcomes
+
+
+# -- gRPC port --------------------------------------------------------------------------
+
+
+def test_continuation_flood_leaves_the_server_up_and_answering(
+    http_server: tuple[ServerProcess, int],
+) -> None:
+    server, _ = http_server
+    tally = run_attack("continuation", server.port, 4)
+    assert tally.connections >= 4
+    assert tally.bytes_sent > 0
+    assert server.process.poll() is None
+    wait_until(lambda: probe_answers(server), "a probe answered after the flood")
+
+
+def test_rapid_reset_leaves_the_server_up_and_answering(
+    http_server: tuple[ServerProcess, int],
+) -> None:
+    server, _ = http_server
+    tally = run_attack("rapid-reset", server.port, 4)
+    assert tally.bytes_sent > 0
+    assert server.process.poll() is None
+    wait_until(lambda: probe_answers(server), "a probe answered after the resets")
+
+
+def test_calls_held_without_a_message_end_with_a_clear_status(
+    http_server: tuple[ServerProcess, int],
+) -> None:
+    """Over the cap the oldest end with RESOURCE_EXHAUSTED, the rest after the timeout."""
+    server, _ = http_server
+    count = BOUNDS.max_calls_awaiting_request + 50
+    outcomes = grpc_statuses(
+        server.port,
+        path=attack.CHECK,
+        count=count,
+        body=None,
+        until=lambda seen: len(seen) >= count,
+    )
+    assert len(outcomes) == count, f"{count - len(outcomes)} calls never answered"
+    codes = sorted(set(outcomes.values()))
+    assert codes == ["4", "8"], codes  # DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED
+    assert list(outcomes.values()).count("8") >= 50
+    assert probe_answers(server)
+
+
+def test_watch_cap_in_all_comes_from_the_budget(spawn_server: SpawnServer) -> None:
+    """At the derived cap in all, one more Watch is RESOURCE_EXHAUSTED."""
+    server = spawn_server("--max-watch-streams-per-connection", "100")
+    body = attack.health_request("readiness")
+    total = derive_bounds(128).max_watch_streams
+    connections: list[socket.socket] = []
+    try:
+        opened = 0
+        while opened < total:
+            count = min(100, total - opened)
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=IO_TIMEOUT)
+            connections.append(sock)
+            frames = [attack.PREFACE, attack.SETTINGS]
+            block = attack.request_headers(attack.WATCH)
+            for index in range(count):
+                frames.append(
+                    attack.frame(attack.HEADERS, attack.END_HEADERS, 2 * index + 1, block)
+                )
+                frames.append(attack.frame(attack.DATA, 0, 2 * index + 1, body))
+            sock.sendall(b"".join(frames))
+            opened += count
+        # Every place is taken (once the server has read them all): one more is refused.
+        wait_until(
+            lambda: (
+                grpc_statuses(
+                    server.port,
+                    path=attack.WATCH,
+                    count=1,
+                    body=body,
+                    until=bool,
+                )
+                == {1: "8"}
+            ),
+            "a Watch beyond the cap to be refused",
+        )
+    finally:
+        for sock in connections:
+            sock.close()
+    assert probe_answers(server)
+
+
+def test_half_preface_connections_are_closed_after_the_handshake_timeout(
+    http_server: tuple[ServerProcess, int],
+) -> None:
+    server, _ = http_server
+    with socket.create_connection(("127.0.0.1", server.port), timeout=IO_TIMEOUT) as sock:
+        sock.sendall(attack.PREFACE[:10])
+        # The server's SETTINGS come first; then it closes the connection.
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+        assert len(received) < 1000
+    assert probe_answers(server)
+
+
+# -- HTTP port --------------------------------------------------------------------------
+
+
+def http_get(port: int, path: str = "/readyz", *, source: str = "127.0.0.1") -> int:
+    with socket.create_connection(
+        ("127.0.0.1", port), timeout=IO_TIMEOUT, source_address=(source, 0)
+    ) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return int(answer.split(b" ", 2)[1]) if answer else 0
+
+
+def test_http_connections_beyond_the_per_peer_cap_are_closed_at_once(
+    http_server: tuple[ServerProcess, int],
+) -> None:
+    server, port = http_server
+    held = [socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) for _ in range(40)]
+    try:
+        for sock in held:
+            sock.sendall(b"GET /readyz HTTP/1.1\r\n")  # half a request, held
+        # Refused ones are closed at once (readable: EOF or reset); the others wait for
+        # the rest of their request until the 10 s idle timeout.
+        wait_until(
+            lambda: len(select.select(held, [], [], 0)[0]) >= 40 - 32,
+            "the connections over the cap to be closed",
+        )
+        closed = len(select.select(held, [], [], 0)[0])
+        assert closed == 40 - 32, "the cap per peer address is 32"
+        # Another address (as the kubelet's would be) still gets its answer.
+        assert http_get(port, source="127.0.0.2") == 200
+    finally:
+        for sock in held:
+            sock.close()
+    assert "HTTP connections refused" in server.log()
+
+
+def test_idle_http_connection_is_closed(http_server: tuple[ServerProcess, int]) -> None:
+    _, port = http_server
+    with socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) as sock:
+        sock.sendall(b"GET /readyz HTTP/1.1\r\nHost: x\r\n")  # never the blank line
+        assert sock.recv(100) == b"", "closed after the header-read timeout"
+
+
+def test_malformed_http_requests_cost_one_line_and_no_traceback(
+    http_server: tuple[ServerProcess, int],
+) -> None:
+    server, port = http_server
+    for _ in range(30):
+        with socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) as sock:
+            sock.sendall(b"\x16\x03\x01garbage\r\n\r\n")
+            while sock.recv(65536):
+                pass
+    assert http_get(port) == 200
+    wait_until(lambda: "malformed HTTP requests" in server.log(), "the warning line")
+    log = server.log()
+    assert "Traceback" not in log
+    assert log.count("malformed HTTP requests") == 1
+    assert "aiohttp.access" not in log
+
+
+def test_access_log_is_off_by_default_and_on_when_asked(spawn_server: SpawnServer) -> None:
+    port = free_port()
+    server = spawn_server("--http-port", str(port), "--http-access-log", "true")
+    assert http_get(port) == 200
+    wait_until(lambda: "aiohttp.access" in server.log(), "one access line")
+
+
+# -- /metrics names checks as SmokeTest does ---------------------------------------------
+
+
+def scrape_text(port: int, token: str | None = None) -> str:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics")
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(request, timeout=IO_TIMEOUT) as response:  # noqa: S310 - http URL
+        return str(response.read().decode())
+
+
+@pytest.mark.parametrize("report_checks", [True, False])
+def test_metrics_obey_report_checks_and_the_token(
+    tmp_path: Path, spawn_server: SpawnServer, report_checks: bool
+) -> None:
+    with TcpListener() as listener:
+        config = tmp_path / "petsage.toml"
+        config.write_text(
+            f"[smoke_test]\nreport_checks = {str(report_checks).lower()}\n"
+            '[[checks]]\nname = "secret-db-primary"\nkind = "tcp"\n'
+            f'target = "{listener.address}"\ninterval = "100ms"\ntimeout = "500ms"\n',
+            encoding="utf-8",
+        )
+        token_file = tmp_path / "token"
+        token_file.write_text("s3cret-token\n", encoding="utf-8")
+        port = free_port()
+        spawn_server(
+            "--config", str(config), "--http-port", str(port), "--auth-token-file", str(token_file)
+        )
+        wait_until(
+            lambda: "petsage_grpc_service_serving" in scrape_text(port, "s3cret-token"),
+            "a scrape",
+        )
+        if report_checks:
+            wait_until(
+                lambda: "secret-db-primary" in scrape_text(port, "s3cret-token"),
+                "the check's name for the token holder",
+            )
+        else:
+            assert "secret-db-primary" not in scrape_text(port, "s3cret-token")
+        anonymous = scrape_text(port)
+        assert "secret-db-primary" not in anonymous
+        assert "petsage_grpc_check_" not in anonymous
+        assert 'service="readiness"' in anonymous
+        assert "secret-db-primary" not in scrape_text(port, "wrong-token")
