@@ -2,9 +2,9 @@
 
 The arithmetic (docs/reliability.md, "Memory budget"): a started server with the HTTP
 face holds about 55 MiB; :data:`BASELINE_MIB` keeps 64 for it. Of the rest, Watch
-streams get 60 % at 24 KiB each, calls waiting for their request message 10 % at 24 KiB,
-gRPC connections 10 % at 32 KiB, and 20 % is left for what is in flight (requests being
-parsed, responses being written, the allocator's slack). A watermark at 90 % of the
+streams get 60 % at 24 KiB each, gRPC connections 15 % at 16 KiB, calls waiting for
+their request message 5 % at 24 KiB, and 20 % is left for what is in flight (requests
+being parsed, responses being written, the allocator's slack). A watermark at 90 % of the
 budget refuses new Watch streams and gives freed memory back to the system
 (:mod:`petsage_grpc.server._guard`).
 """
@@ -25,8 +25,8 @@ WATCH_STREAM_KIB: Final = 24
 """RSS per open Watch stream, mostly grpc core's call state (docs/benchmarks.md: 23-24)."""
 WAITING_CALL_KIB: Final = 24
 """RSS per call held before its request message (measured: ~23.5 KiB)."""
-GRPC_CONNECTION_KIB: Final = 32
-"""RSS per open, idle gRPC connection (measured: ~17 KiB; buffers grow with use)."""
+GRPC_CONNECTION_KIB: Final = 16
+"""RSS per open, idle gRPC connection (measured: 300 connections, 5 MiB)."""
 FD_RESERVE: Final = 64
 """File descriptors never handed to clients: logs, config reloads, dependency checks."""
 HTTP_CONNECTIONS: Final = 256
@@ -91,8 +91,8 @@ def derive_bounds(
     spare_kib = (budget_mib - BASELINE_MIB) * 1024
     watch = max_watch_streams or max(100, int(spare_kib * 0.6) // WATCH_STREAM_KIB)
     per_connection = max_watch_streams_per_connection or min(1_000, watch)
-    waiting = max(100, int(spare_kib * 0.1) // WAITING_CALL_KIB)
-    connections = max(64, int(spare_kib * 0.1) // GRPC_CONNECTION_KIB)
+    waiting = max(100, int(spare_kib * 0.05) // WAITING_CALL_KIB)
+    connections = max(64, int(spare_kib * 0.15) // GRPC_CONNECTION_KIB)
     # Descriptors: the gRPC and HTTP caps, plus a reserve, fit under the process limit,
     # so that accept() never fails with EMFILE and a probe can always connect.
     connections = min(connections, _open_files_limit() - HTTP_CONNECTIONS - FD_RESERVE)
