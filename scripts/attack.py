@@ -492,7 +492,13 @@ def main(argv: list[str] | None = None) -> int:
         "--server-arg", action="append", default=[], help="extra petsage serve argument"
     )
     parser.add_argument("--probe", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--table", type=Path, metavar="JSON", help="print the runs of a --json file as a table"
+    )
     args = parser.parse_args(argv)
+    if args.table is not None:
+        print(table([Run(**run) for run in json.loads(args.table.read_text())]))
+        return 0
     if args.probe is not None:
         return run_prober(args.probe, args.seconds)
     attacks = args.attack or list(ATTACKS)
@@ -520,6 +526,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in runs], indent=1))
     return 0 if all(r.alive for r in runs) else 1
+
+
+def table(runs: list[Run]) -> str:
+    """The runs as a Markdown table, petsage and bare side by side."""
+    lines = [
+        "| attack | conns | server | baseline MiB | peak MiB | 30 s after MiB | after / baseline "
+        "| threads | fds | probes OK | closed by server | log lines |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for run in runs:
+        probes = run.probes_ok + run.probes_failed
+        share = (
+            f"{run.probes_ok}/{probes} ({100 * run.probes_ok / probes:.0f} %)" if probes else "-"
+        )
+        ratio = run.rss_after_kib / run.baseline_rss_kib if run.baseline_rss_kib else 0.0
+        lines.append(
+            f"| {run.attack} | {run.connections} | {run.target} | "
+            f"{run.baseline_rss_kib / 1024:.1f} | {run.peak_rss_kib / 1024:.1f} | "
+            f"{run.rss_after_kib / 1024:.1f} | {ratio:.2f} | {run.peak_threads} | "
+            f"{run.peak_fds} | {share} | {run.tally.get('closed_by_server', 0)} | "
+            f"{run.log_lines} |"
+        )
+    return "\n".join(lines)
 
 
 def summary(run: Run) -> str:

@@ -31,6 +31,7 @@ from conftest import ROOT, ServerProcess
 from hardening import wait_until
 from tcp_listener import TcpListener, free_port
 
+from petsage_grpc import HealthLimits
 from petsage_grpc.server._budget import derive_bounds
 
 SpawnServer = Callable[..., ServerProcess]
@@ -342,3 +343,18 @@ def test_metrics_obey_report_checks_and_the_token(
         assert "petsage_grpc_check_" not in anonymous
         assert 'service="readiness"' in anonymous
         assert "secret-db-primary" not in scrape_text(port, "wrong-token")
+
+
+# -- embedded: the gate's limits are HealthLimits ----------------------------------------
+
+
+def test_embedded_request_timeout_and_cap_come_from_health_limits(
+    start_server: Callable[..., Any],
+) -> None:
+    server = start_server(
+        limits=HealthLimits(max_calls_awaiting_request=5, request_timeout_seconds=1.0)
+    )
+    outcomes = grpc_statuses(
+        server.port, path=attack.CHECK, count=8, body=None, until=lambda seen: len(seen) >= 8
+    )
+    assert sorted(outcomes.values()) == ["4"] * 5 + ["8"] * 3

@@ -173,6 +173,24 @@ def assert_one_line_naming(run: CliRun, *words: str) -> None:
             ["PETSAGE_GRPC_LOG_FORMAT", "xml"],
             id="env-log-format",
         ),
+        pytest.param(
+            ["--host", "127.0.0.1", "--port", "{port}", "--memory-budget", "lots"],
+            {},
+            ["--memory-budget", "lots"],
+            id="memory-budget",
+        ),
+        pytest.param(
+            ["--host", "127.0.0.1", "--port", "{port}", "--memory-budget", "32Mi"],
+            {},
+            ["memory budget", "80 MiB"],
+            id="memory-budget-too-small",
+        ),
+        pytest.param(
+            ["--host", "127.0.0.1", "--port", "{port}"],
+            {"PETSAGE_GRPC_HTTP_ACCESS_LOG": "maybe"},
+            ["PETSAGE_GRPC_HTTP_ACCESS_LOG", "maybe"],
+            id="env-access-log",
+        ),
     ],
 )
 def test_bad_input_exits_2_with_one_line(
