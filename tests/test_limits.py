@@ -235,8 +235,8 @@ def test_watch_caps_from_environment_variables(spawn_server: SpawnServer) -> Non
 # -- a burst of Watch calls --------------------------------------------------------------
 
 BURST: Final = 3000
-BURST_CHANNELS: Final = 4
-"""750 streams each: under the default cap of 1000 per connection."""
+BURST_CHANNELS: Final = 10
+"""300 streams each: under the cap per connection of a 256 MiB budget (307)."""
 
 
 async def _burst(address: str) -> list[bytes | str]:

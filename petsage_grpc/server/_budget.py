@@ -4,7 +4,14 @@ The arithmetic (docs/reliability.md, "Memory budget"): a started server with the
 face holds about 55 MiB; :data:`BASELINE_MIB` keeps 64 for it. Of the rest, Watch
 streams get 60 % at 24 KiB each, gRPC connections 15 % at 16 KiB, calls waiting for
 their request message 5 % at 24 KiB, and 20 % is left for what is in flight (requests
-being parsed, responses being written, the allocator's slack). A watermark at 90 % of the
+being parsed, responses being written, the allocator's slack).
+
+Every HTTP/2 stream a client opens costs grpc core ~18 KiB, whether or not the
+application ever sees the call, so what one connection may open is the budget's too:
+the Watch cap per connection is a 16th of the cap in all (100 at least, 1,000 at most)
+and a connection may open 20 streams more than that. 16 connections then hold no more
+streams than the Watch share has room for (before, 1,100 per connection: 16 connections
+held 17,600 calls, 300 MiB). A watermark at 90 % of the
 budget refuses new Watch streams and gives freed memory back to the system
 (:mod:`petsage_grpc.server._guard`).
 """
@@ -90,7 +97,7 @@ def derive_bounds(
         raise ValueError(f"memory budget must be at least {BASELINE_MIB + 16} MiB")
     spare_kib = (budget_mib - BASELINE_MIB) * 1024
     watch = max_watch_streams or max(100, int(spare_kib * 0.6) // WATCH_STREAM_KIB)
-    per_connection = max_watch_streams_per_connection or min(1_000, watch)
+    per_connection = max_watch_streams_per_connection or max(100, min(1_000, watch // 16))
     waiting = max(100, int(spare_kib * 0.05) // WAITING_CALL_KIB)
     connections = max(64, int(spare_kib * 0.15) // GRPC_CONNECTION_KIB)
     # Descriptors: the gRPC and HTTP caps, plus a reserve, fit under the process limit,
@@ -102,7 +109,8 @@ def derive_bounds(
         max_watch_streams_per_connection=per_connection,
         max_calls_awaiting_request=waiting,
         max_grpc_connections=max(16, connections),
-        # The Watch cap per connection and room for unary calls beside it.
-        max_streams_per_connection=per_connection + 100,
+        # The Watch cap per connection and room for unary calls beside it; beyond it the
+        # client waits for a stream (HTTP/2 flow of MAX_CONCURRENT_STREAMS).
+        max_streams_per_connection=per_connection + 20,
         watermark_mib=budget_mib * 9 // 10,
     )

@@ -179,8 +179,8 @@ SERVER_SETTINGS: Final = (
         "max_watch_streams_per_connection",
         _positive,
         None,
-        "open Watch streams on one connection before RESOURCE_EXHAUSTED (default: 1000, or "
-        "the total cap if lower)",
+        "open Watch streams on one connection before RESOURCE_EXHAUSTED (default: from "
+        "--memory-budget, 102 for 128 MiB)",
     ),
     Setting(
         "http_access_log",
