@@ -154,12 +154,16 @@ def test_rapid_reset_leaves_the_server_up_and_answering(
     wait_until(lambda: probe_answers(server), "a probe answered after the resets")
 
 
-def test_calls_held_without_a_message_end_with_a_clear_status(
-    http_server: tuple[ServerProcess, int],
-) -> None:
-    """Over the cap the oldest end with RESOURCE_EXHAUSTED, the rest after the timeout."""
-    server, _ = http_server
-    count = BOUNDS.max_calls_awaiting_request + 50
+def test_calls_held_without_a_message_end_with_a_clear_status(spawn_server: SpawnServer) -> None:
+    """Over the cap the oldest end with RESOURCE_EXHAUSTED, the rest after the timeout.
+
+    The smallest budget (80 MiB) lets one connection open more calls (120) than may
+    wait (100).
+    """
+    server = spawn_server("--memory-budget", "80")
+    bounds = derive_bounds(80)
+    count = bounds.max_streams_per_connection
+    assert count > bounds.max_calls_awaiting_request
     outcomes = grpc_statuses(
         server.port,
         path=attack.CHECK,
@@ -168,9 +172,9 @@ def test_calls_held_without_a_message_end_with_a_clear_status(
         until=lambda seen: len(seen) >= count,
     )
     assert len(outcomes) == count, f"{count - len(outcomes)} calls never answered"
-    codes = sorted(set(outcomes.values()))
-    assert codes == ["4", "8"], codes  # DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED
-    assert list(outcomes.values()).count("8") >= 50
+    values = list(outcomes.values())
+    assert values.count("8") == count - bounds.max_calls_awaiting_request  # RESOURCE_EXHAUSTED
+    assert values.count("4") == bounds.max_calls_awaiting_request  # DEADLINE_EXCEEDED
     assert probe_answers(server)
 
 
@@ -358,3 +362,23 @@ def test_embedded_request_timeout_and_cap_come_from_health_limits(
         server.port, path=attack.CHECK, count=8, body=None, until=lambda seen: len(seen) >= 8
     )
     assert sorted(outcomes.values()) == ["4"] * 5 + ["8"] * 3
+
+
+def test_streams_beyond_the_budget_per_connection_are_refused_by_http2(
+    http_server: tuple[ServerProcess, int],
+) -> None:
+    """Over MAX_CONCURRENT_STREAMS a stream is reset before grpc core makes a call of it
+    (the budget's value, not SERVER_OPTIONS' 1,100: the options are merged, not appended)."""
+    server, _ = http_server
+    count = BOUNDS.max_streams_per_connection + 100
+    outcomes = grpc_statuses(
+        server.port,
+        path=attack.WATCH,
+        count=count,
+        body=attack.health_request("readiness"),
+        until=lambda seen: len(seen) >= count,
+    )
+    values = list(outcomes.values())
+    assert values.count("reset") >= 100
+    assert values.count("data") == BOUNDS.max_watch_streams_per_connection
+    assert probe_answers(server)

@@ -209,8 +209,11 @@ async def _assemble(options: ServeOptions, board: StatusBoard) -> _Assembly:
     if options.bounds is not None:
         from petsage_grpc.server._guard import MemoryGuard  # noqa: PLC0415
 
-        # Later options win in grpc core: the budget's caps replace SERVER_OPTIONS' ones.
-        server_options = (*SERVER_OPTIONS, *options.bounds.grpc_options())
+        # grpc core keeps the first of two options with one name: the budget's caps
+        # replace SERVER_OPTIONS' ones, not follow them.
+        server_options = tuple(
+            {**dict(SERVER_OPTIONS), **dict(options.bounds.grpc_options())}.items()
+        )
         guard = MemoryGuard(
             budget_mib=options.bounds.budget_mib, watermark_mib=options.bounds.watermark_mib
         )
