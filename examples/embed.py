@@ -159,7 +159,7 @@ def parse_arguments() -> tuple[argparse.Namespace, Check]:
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="the visit store")
     parser.add_argument("--replica", default="", help="name returned in every answer")
     parser.add_argument(
-        "--check-interval", type=float, default=0.5, help="seconds between store checks"
+        "--check-interval", type=float, default=0.25, help="seconds between store checks"
     )
     parser.add_argument(
         "--failure-threshold",
