@@ -90,6 +90,9 @@ SETTLE_SECONDS: Final = 1.0
 """Steady traffic between two events, so each event's calls are its own."""
 DRAIN_SECONDS: Final = 2.0
 GRACE_SECONDS: Final = 2.0
+OFF_SLACK: Final = 0.5
+"""Time a front end gets to act on "off" (a grpc channel learns it from its own Watch,
+which may be read a little later than the harness's)."""
 ROTATION_GAP: Final = 0.3
 """A replica that answers nothing for this long is out of rotation (at >= 30 calls/s each,
 it otherwise answers every ~30 ms or more often)."""
@@ -294,6 +297,10 @@ class Event:
     back_ms: float | None = None
     calls: int = 0
     failed: int = 0
+    failed_after_off: int | None = None
+    """Failed calls started more than OFF_SLACK after the front end took the replica off
+    (None: it never did). Nonzero means a loss the detection window does not explain."""
+    skipped: int = 0
 
 
 class Load:
@@ -550,8 +557,10 @@ class Run:
             return None if at is None else round((at - event.started) * 1000, 1)
 
         calls = [c for c in load.calls if event.started <= c.started < event.ended]
-        event.calls = len(calls)
-        event.failed = sum(1 for c in calls if c.outcome != "OK")
+        event.calls = sum(1 for c in calls if c.outcome != "SKIPPED")
+        event.skipped = len(calls) - event.calls
+        failed = [c for c in calls if c.outcome not in {"OK", "SKIPPED"}]
+        event.failed = len(failed)
         off = next(
             (at for at, serving in replica.readiness if at >= event.started and not serving),
             None,
@@ -572,11 +581,15 @@ class Run:
                 break
         event.last_call_ms = ms(last)
         event.back_ms = ms(back)
+        if event.front_end_off_ms is not None:
+            off_at = event.started + event.front_end_off_ms / 1000 + OFF_SLACK
+            event.failed_after_off = sum(1 for c in failed if c.started > off_at)
         print(
             f"  {self.label():<28} {event.scenario:<10} {event.replica}  "
             f"ready off {_fmt(event.ready_off_ms)}  front end off {_fmt(event.front_end_off_ms)}  "
             f"last call {_fmt(event.last_call_ms)}  back {_fmt(event.back_ms)}  "
-            f"calls {event.calls}  failed {event.failed}",
+            f"calls {event.calls}  failed {event.failed}"
+            + ("" if not event.failed_after_off else f" ({event.failed_after_off} after off)"),
             flush=True,
         )
 
