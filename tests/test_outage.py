@@ -48,6 +48,7 @@ def run_outage(front_end: str, out: Path) -> dict[str, Any]:
     report: dict[str, Any] = json.loads(out.read_text())
     assert report["ok"] is True
     (run,) = report["runs"]
+    assert isinstance(run, dict)
     assert (run["front_end"], run["checks"]) == (front_end, True)
     assert list(run["counts"]) == ["restart", "dependency", "crash"]
     events = run["events"]
