@@ -80,7 +80,11 @@ class VisitService(visit_service_pb2_grpc.VisitServiceServicer):
         try:
             async with asyncio.timeout(STORE_TIMEOUT):
                 visits = await self._store.incr(f"visits:{request.pet}")
-        except (redis.exceptions.RedisError, OSError, TimeoutError):
+        except (redis.exceptions.RedisError, OSError, TimeoutError) as error:
+            if isinstance(error, redis.exceptions.ConnectionError | OSError):
+                # Idle pooled connections to a store that went away are dead too: drop
+                # them now, or each one fails a call after the store is back.
+                await self._store.connection_pool.disconnect(inuse_connections=False)
             # A fixed message: the store's address and error stay in this process.
             await context.abort(grpc.StatusCode.UNAVAILABLE, "visit store unavailable")
         return visit_service_pb2.RecordVisitResponse(

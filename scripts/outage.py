@@ -18,7 +18,10 @@ port. Application calls at ``--rate`` per second (default 300) go through a fron
 - ``grpc``: a grpcio channel over the three replicas with the service configuration of
   :data:`SERVICE_CONFIG` (docs/reliability.md): ``round_robin``, ``healthCheckConfig`` on
   ``readiness`` (left out with ``--checks off``) and a retry policy for UNAVAILABLE (left
-  out with ``--no-retries``).
+  out with ``--client-retries off``).
+
+``--client-retries on`` gives the client behind HAProxy the same retry policy (HAProxy
+itself retries only what never reached a replica).
 
 Scenarios (``--scenarios``; each ``--rounds`` times, replicas taken in turn):
 
@@ -90,6 +93,8 @@ SETTLE_SECONDS: Final = 1.0
 """Steady traffic between two events, so each event's calls are its own."""
 DRAIN_SECONDS: Final = 2.0
 GRACE_SECONDS: Final = 2.0
+MAX_FAILED_LISTED: Final = 500
+MAX_DETAILS: Final = 120
 OFF_SLACK: Final = 0.5
 """Time a front end gets to act on "off" (a grpc channel learns it from its own Watch,
 which may be read a little later than the harness's)."""
@@ -283,6 +288,7 @@ class Call:
     ended: float
     outcome: str
     replica: str = ""
+    details: str = ""
 
 
 @dataclass
@@ -301,6 +307,10 @@ class Event:
     """Failed calls started more than OFF_SLACK after the front end took the replica off
     (None: it never did). Nonzero means a loss the detection window does not explain."""
     skipped: int = 0
+    failed_at_ms: list[float] = field(default_factory=list)
+    """When the failed calls started (the first MAX_FAILED_LISTED), ms after the event."""
+    failures: dict[str, int] = field(default_factory=dict)
+    """Failed calls by outcome and the status details the client saw."""
 
 
 class Load:
@@ -322,7 +332,8 @@ class Load:
         try:
             answer = await self._record(self._request, timeout=CALL_TIMEOUT)
         except grpc.aio.AioRpcError as error:
-            self.calls.append(Call(started, time.monotonic(), error.code().name))
+            details = (error.details() or "")[:MAX_DETAILS]
+            self.calls.append(Call(started, time.monotonic(), error.code().name, "", details))
         else:
             self.calls.append(Call(started, time.monotonic(), "OK", answer.replica))
 
@@ -429,7 +440,8 @@ class Run:
         self.arguments = arguments
         self.front_end = front_end
         self.checks = checks
-        self.retries = front_end == "grpc" and not arguments.no_retries
+        retries = arguments.client_retries
+        self.retries = front_end == "grpc" if retries is None else retries == "on"
         self.work = Path(tempfile.mkdtemp(prefix="petsage-outage-"))
         self.replicas = [
             Replica(
@@ -445,10 +457,7 @@ class Run:
         self.report = RunReport(front_end, checks, self.retries, arguments.rate)
 
     def label(self) -> str:
-        retries = (
-            "" if self.front_end == "haproxy" else (" retries" if self.retries else " no-retries")
-        )
-        return f"{self.front_end} checks {'on' if self.checks else 'off'}{retries}"
+        return label(self.front_end, checks=self.checks, retries=self.retries)
 
     async def execute(self) -> RunReport:
         started = time.monotonic()
@@ -489,11 +498,12 @@ class Run:
             stack.push_async_callback(self.haproxy.close)
             await self.haproxy.start()
             target = self.haproxy.address
-            options: list[tuple[str, Any]] = []
+            # One address: only the retry policy applies (HAProxy picks the replica).
+            config = {"methodConfig": SERVICE_CONFIG["methodConfig"]} if self.retries else {}
         else:
             target = "ipv4:" + ",".join(replica.address for replica in self.replicas)
             config = service_config(health_check=self.checks, retries=self.retries)
-            options = [("grpc.service_config", json.dumps(config))]
+        options = [("grpc.service_config", json.dumps(config))] if config else []
         channel = grpc.aio.insecure_channel(target, options=options)
         stack.push_async_callback(channel.close)
         return channel
@@ -561,6 +571,10 @@ class Run:
         event.skipped = len(calls) - event.calls
         failed = [c for c in calls if c.outcome not in {"OK", "SKIPPED"}]
         event.failed = len(failed)
+        event.failures = dict(Counter(f"{c.outcome}: {c.details}" for c in failed))
+        event.failed_at_ms = [
+            round((c.started - event.started) * 1000, 1) for c in failed[:MAX_FAILED_LISTED]
+        ]
         off = next(
             (at for at, serving in replica.readiness if at >= event.started and not serving),
             None,
@@ -585,7 +599,7 @@ class Run:
             off_at = event.started + event.front_end_off_ms / 1000 + OFF_SLACK
             event.failed_after_off = sum(1 for c in failed if c.started > off_at)
         print(
-            f"  {self.label():<28} {event.scenario:<10} {event.replica}  "
+            f"  {self.label():<32} {event.scenario:<10} {event.replica}  "
             f"ready off {_fmt(event.ready_off_ms)}  front end off {_fmt(event.front_end_off_ms)}  "
             f"last call {_fmt(event.last_call_ms)}  back {_fmt(event.back_ms)}  "
             f"calls {event.calls}  failed {event.failed}"
@@ -605,10 +619,7 @@ class Run:
 
 def label(front_end: str, *, checks: bool, retries: bool) -> str:
     """How a run is named in the timeline and the table."""
-    name = f"{front_end} checks {'on' if checks else 'off'}"
-    if front_end == "grpc":
-        name += " retries" if retries else " no-retries"
-    return name
+    return f"{front_end}, checks {'on' if checks else 'off'}, {'' if retries else 'no '}retries"
 
 
 def _fmt(value: float | None) -> str:
@@ -636,7 +647,11 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--front-end", choices=("haproxy", "grpc", "both"), default="both")
     parser.add_argument("--checks", choices=("on", "off", "both"), default="both")
-    parser.add_argument("--no-retries", action="store_true", help="grpc: no retry policy")
+    parser.add_argument(
+        "--client-retries",
+        choices=("on", "off"),
+        help="the client's retry policy for UNAVAILABLE (default: on for grpc, off for haproxy)",
+    )
     parser.add_argument("--scenarios", type=_scenarios, default=list(SCENARIOS))
     parser.add_argument("--rounds", type=int, choices=range(1, 21), default=3, metavar="1-20")
     parser.add_argument("--rate", type=_positive, default=300.0, help="calls per second")
@@ -650,14 +665,14 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def print_table(reports: Sequence[RunReport]) -> None:
-    print("\nfront end                     scenario    calls  failed  outcomes")
+    print("\nfront end                        scenario    calls  failed  outcomes")
     for report in reports:
         name = label(report.front_end, checks=report.checks, retries=report.retries)
         for scenario, counts in report.counts.items():
             total = sum(v for k, v in counts.items() if k != "SKIPPED")
             failed = sum(v for k, v in counts.items() if k not in {"OK", "SKIPPED"})
             outcomes = ", ".join(f"{k} {v}" for k, v in counts.items())
-            print(f"{name:<29} {scenario:<10} {total:>6} {failed:>7}  {outcomes}")
+            print(f"{name:<32} {scenario:<10} {total:>6} {failed:>7}  {outcomes}")
 
 
 async def main(arguments: argparse.Namespace) -> int:
