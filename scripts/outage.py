@@ -93,6 +93,8 @@ SETTLE_SECONDS: Final = 1.0
 """Steady traffic between two events, so each event's calls are its own."""
 DRAIN_SECONDS: Final = 2.0
 GRACE_SECONDS: Final = 2.0
+MAX_BEHIND: Final = 0.1
+"""Seconds the load may fall behind its schedule before it skips ahead (see Load.run)."""
 MAX_FAILED_LISTED: Final = 500
 MAX_DETAILS: Final = 120
 OFF_SLACK: Final = 0.5
@@ -325,6 +327,7 @@ class Load:
         self._rate = rate
         self.calls: list[Call] = []
         self._in_flight: set[asyncio.Task[None]] = set()
+        self.missed_ticks = 0
         self._request = visit_service_pb2.RecordVisitRequest(pet="rex")
 
     async def one(self) -> None:
@@ -349,6 +352,14 @@ class Load:
                 self._in_flight.add(task)
                 task.add_done_callback(self._in_flight.discard)
             next_at += period
+            behind = time.monotonic() - next_at
+            if behind > MAX_BEHIND:
+                # This process was held up (a loaded machine): start again from now
+                # rather than send the missed calls in one burst, which is not steady
+                # traffic. The calls not sent are counted.
+                missed = int(behind / period)
+                self.missed_ticks += missed
+                next_at += missed * period
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
         if self._in_flight:
             await asyncio.wait(self._in_flight, timeout=CALL_TIMEOUT + 1)
@@ -431,6 +442,10 @@ class RunReport:
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
     seconds: float = 0.0
+    missed_ticks: int = 0
+    """Calls not sent because this process fell more than MAX_BEHIND behind schedule."""
+    load_average: tuple[float, float] = (0.0, 0.0)
+    """The machine's 1-minute load average at the start and at the end of the run."""
 
 
 class Run:
@@ -461,6 +476,7 @@ class Run:
 
     async def execute(self) -> RunReport:
         started = time.monotonic()
+        load_before = os.getloadavg()[0]
         stop_watching = asyncio.Event()
         watchers: list[asyncio.Task[None]] = []
         async with aiohttp.ClientSession() as session, contextlib.AsyncExitStack() as stack:
@@ -488,6 +504,8 @@ class Run:
                     watcher.cancel()
                 await asyncio.gather(*watchers, return_exceptions=True)
         self._account(load.calls)
+        self.report.missed_ticks = load.missed_ticks
+        self.report.load_average = (load_before, os.getloadavg()[0])
         self.report.seconds = round(time.monotonic() - started, 1)
         shutil.rmtree(self.work, ignore_errors=True)
         return self.report
@@ -673,6 +691,11 @@ def print_table(reports: Sequence[RunReport]) -> None:
             failed = sum(v for k, v in counts.items() if k not in {"OK", "SKIPPED"})
             outcomes = ", ".join(f"{k} {v}" for k, v in counts.items())
             print(f"{name:<32} {scenario:<10} {total:>6} {failed:>7}  {outcomes}")
+        before, after = report.load_average
+        print(
+            f"{'':<32} (load average {before:.1f} -> {after:.1f}; "
+            f"{report.missed_ticks} calls not sent while this process was held up)"
+        )
 
 
 async def main(arguments: argparse.Namespace) -> int:
