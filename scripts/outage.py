@@ -543,12 +543,16 @@ class Run:
         )
 
     async def _scenario(self, scenario: str, load: Load, session: aiohttp.ClientSession) -> None:
+        done: list[tuple[Event, Replica]] = []
         for round_index in range(self.arguments.rounds):
             targets = (
                 self.replicas if scenario == "restart" else [self.replicas[round_index % REPLICAS]]
             )
             for replica in targets:
                 event = Event(scenario, replica.name, time.monotonic())
+                if done:
+                    done[-1][0].ended = event.started  # every call belongs to one event
+                done.append((event, replica))
                 if scenario == "restart":
                     await replica.stop(signal.SIGTERM)
                     await replica.start()
@@ -563,9 +567,10 @@ class Run:
                 await replica.wait_ready(session)
                 await self._back_in_rotation(replica, load, event.started)
                 await asyncio.sleep(SETTLE_SECONDS)
-                event.ended = time.monotonic()
-                self.report.events.append(event)
-                self._describe(event, replica, load)
+        done[-1][0].ended = time.monotonic()
+        for event, replica in done:
+            self.report.events.append(event)
+            self._describe(event, replica, load)
 
     async def _back_in_rotation(self, replica: Replica, load: Load, since: float) -> None:
         deadline = time.monotonic() + STEP_TIMEOUT
