@@ -35,7 +35,6 @@ import argparse
 import asyncio
 import contextlib
 import signal
-from collections.abc import Awaitable, Callable
 from typing import Final
 
 import grpc
@@ -92,26 +91,48 @@ class VisitService(visit_service_pb2_grpc.VisitServiceServicer):
         )
 
 
-async def start_http(board: StatusBoard, host: str, port: int) -> web.AppRunner:
-    """Serve ``/readyz`` and ``/livez`` from *board* on *host*:*port*."""
-    headers = {"Server": "petsage-example", "Cache-Control": "no-store"}
+# No version in any answer, errors included (aiohttp's default Server header names
+# Python's and aiohttp's).
+HTTP_HEADERS: Final = {"Server": "petsage-example", "Cache-Control": "no-store"}
 
-    def probe(name: str) -> Callable[[web.Request], Awaitable[web.Response]]:
-        async def answer(request: web.Request) -> web.Response:
-            ok = board.get(name) is ServingStatus.SERVING
-            path = request.path.strip("/")
-            return web.Response(
-                status=200 if ok else 503,
-                text=f"{path} {'ok' if ok else 'failed'}\n",
-                headers=headers,
-            )
 
-        return answer
+class QuietRequestHandler(web.RequestHandler):
+    """aiohttp's connection handler; its answers to malformed requests echo nothing back."""
 
-    app = web.Application(client_max_size=1024)
-    app.router.add_get("/readyz", probe(petsage_grpc.READINESS))
-    app.router.add_get("/livez", probe(petsage_grpc.LIVENESS))
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        # aiohttp would log a traceback and the bytes received: one line is enough.
+        self.logger.warning("bad HTTP request: %s", type(exc).__name__ if exc else status)
+        response = web.Response(status=status, text=f"{status}\n", headers=HTTP_HEADERS)
+        response.force_close()
+        return response
+
+
+class QuietServer(web.Server):
+    def __call__(self) -> web.RequestHandler:
+        return QuietRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+async def start_http(board: StatusBoard, host: str, port: int) -> web.ServerRunner:
+    """Serve ``GET /readyz`` and ``GET /livez`` (200 or 503) from *board* on *host*:*port*."""
+    probes = {"/readyz": petsage_grpc.READINESS, "/livez": petsage_grpc.LIVENESS}
+
+    async def answer(request: web.BaseRequest) -> web.Response:
+        name = probes.get(request.path)
+        if name is None or request.method not in {"GET", "HEAD"}:
+            return web.Response(status=404, text="404\n", headers=HTTP_HEADERS)
+        ok = board.get(name) is ServingStatus.SERVING
+        text = f"{request.path.strip('/')} {'ok' if ok else 'failed'}\n"
+        return web.Response(status=200 if ok else 503, text=text, headers=HTTP_HEADERS)
+
+    # Probes send one short request line and a few headers, and no body.
+    server = QuietServer(answer, max_line_size=1024, max_field_size=1024)
+    runner = web.ServerRunner(server, access_log=None, handle_signals=False)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     return runner

@@ -8,6 +8,7 @@ message classes made from the descriptors), never from the example's generated s
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -98,6 +99,18 @@ def http_status(port: int, path: str) -> int:
         return error.code
 
 
+def raw_http(port: int, request: bytes) -> bytes:
+    """Send *request* as is and return the whole reply (the server closes after an error)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
+        connection.sendall(request)
+        reply = b""
+        while chunk := connection.recv(4096):
+            reply += chunk
+            if len(reply) > 65536:
+                break
+    return reply
+
+
 def test_embed_example_is_callable_through_reflection_and_follows_its_store(
     start_example: Callable[..., Example], redis_server: RedisServer
 ) -> None:
@@ -109,6 +122,14 @@ def test_embed_example_is_callable_through_reflection_and_follows_its_store(
     with bounded_channel(example.address) as channel:
         wait_for(channel, "readiness", HEALTH_STATUS.SERVING)
         assert http_status(http_port, "/readyz") == 200
+        assert http_status(http_port, "/metrics") == 404
+        # What HAProxy sends when a check speaks h2 by mistake: 400, no version, no echo.
+        reply = raw_http(http_port, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.0 400 "), reply
+        assert b"Server: petsage-example\r\n" in reply
+        assert b"aiohttp" not in reply.lower()
+        assert b"python" not in reply.lower()
+        assert b"PRI" not in reply
 
         database = ProtoReflectionDescriptorDatabase(channel)
         services = set(database.get_services())
