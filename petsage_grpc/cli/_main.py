@@ -3,14 +3,23 @@
 Kept free of grpc imports at module level: ``probe`` runs as a Kubernetes exec probe
 and must start fast, and ``serve`` should report a bad flag before loading anything.
 
-Exit codes of ``serve``: 0 stopped cleanly after a signal; 2 bad flag, bad environment
-variable, bad configuration file or cannot listen (the problem on stderr, nothing left
-running). ``probe`` exits as grpc_health_probe does (see ``petsage_grpc.cli._probe``).
+Exit codes of ``serve``: 0 stopped cleanly after a signal; 1 stopped by an unexpected
+error (logged); 2 bad flag, bad environment variable, bad configuration file or cannot
+listen (the problem on stderr, nothing left running). ``probe`` exits as
+grpc_health_probe does (see ``petsage_grpc.cli._probe``).
+
+Every line ``serve`` writes to stderr follows the log format, errors before the server
+runs included. The format is taken, as soon as it can be known, from the first valid
+one of: the ``--log-format`` flag, ``PETSAGE_GRPC_LOG_FORMAT``, the configuration
+file's ``[server] log_format`` (once the file has been read), ``text``. A flag that
+cannot be read (a bad value, a missing one, an ambiguous abbreviation) counts as not
+given: its error is reported in the format the environment asks for.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -27,13 +36,56 @@ __all__ = ["main"]
 
 PROG = "petsage-grpc"
 EXIT_USAGE = 2
+EXIT_CRASHED = 1
+_LOG_FORMAT_ENV = "PETSAGE_GRPC_LOG_FORMAT"
+_LOG_FORMATS = ("text", "json")
+
+
+def _error_line(message: str, *, fmt: str, prog: str) -> str:
+    if fmt != "json":  # the common case needs no import
+        return f"{prog}: error: {message}"
+    from petsage_grpc.server._logging import startup_error_line  # noqa: PLC0415
+
+    return startup_error_line(message, fmt=fmt, prog=prog)
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad argument is one line on stderr and exit 2."""
+    """argparse, but a bad argument is one line on stderr, in the log format, and exit 2."""
+
+    log_format = "text"
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+        self.exit(EXIT_USAGE, _error_line(message, fmt=self.log_format, prog=self.prog) + "\n")
+
+
+class _UnreadableFlagsError(Exception):
+    """The flags cannot be read far enough to find --log-format."""
+
+
+class _LenientParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise _UnreadableFlagsError(message)
+
+
+def _valid_format(value: object) -> str | None:
+    text = str(value).lower() if isinstance(value, str) else None
+    return text if text in _LOG_FORMATS else None
+
+
+def _early_log_format(argv: Sequence[str], environ: Mapping[str, str], flags: Sequence[str]) -> str:
+    """The log format as far as it is known before the flags are parsed for real.
+
+    *flags* are every option ``serve`` takes, so that abbreviations resolve as they will.
+    """
+    lenient = _LenientParser(add_help=False)
+    for flag in flags:
+        lenient.add_argument(flag)
+    try:
+        known, _ = lenient.parse_known_args(argv)
+        from_flag = _valid_format(known.log_format)
+    except _UnreadableFlagsError:
+        from_flag = None
+    return from_flag or _valid_format(environ.get(_LOG_FORMAT_ENV)) or "text"
 
 
 def _argparse_type(convert: Callable[[object], Any]) -> Callable[[str], Any]:
@@ -47,9 +99,6 @@ def _argparse_type(convert: Callable[[object], Any]) -> Callable[[str], Any]:
 
 
 def _serve(argv: Sequence[str], environ: Mapping[str, str]) -> int:
-    # grpc core logs every failed TLS handshake (a port scan, a plaintext probe) at INFO;
-    # keep its errors only, unless the operator asks for more. Read when grpc is imported.
-    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     # Until the server installs its handler, a SIGHUP (reload) must not end the process.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from petsage_grpc.server._settings import (  # noqa: PLC0415
@@ -70,26 +119,41 @@ def _serve(argv: Sequence[str], environ: Mapping[str, str]) -> int:
         parser.add_argument(
             setting.flag, dest=setting.name, type=_argparse_type(setting.convert), help=setting.help
         )
+    parser.log_format = _early_log_format(argv, environ, [s.flag for s in SERVER_SETTINGS])
     flags = vars(parser.parse_args(argv))
     try:
-        config_path = resolve_settings(flags, environ)["config"]
+        early = resolve_settings(flags, environ)
     except SettingError as error:
         parser.error(str(error))
+    # Flag and environment are valid now; the file may still set the format below.
+    given = flags["log_format"] or _valid_format(environ.get(_LOG_FORMAT_ENV))
+    parser.log_format = early["log_format"]
+    if given == "json":
+        # grpc core writes its own plain-text lines; silence it before anything (a
+        # python check's module, say) imports grpc, which reads this once.
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
     from petsage_grpc.server._config import Config, ConfigError, load_config  # noqa: PLC0415
 
     config = Config()
-    if config_path is not None:
+    if early["config"] is not None:
         try:
-            config = load_config(config_path)
+            config = load_config(early["config"])
         except ConfigError as error:
+            fmt = given or _valid_format(error.settings.get("log_format")) or "text"
             for problem in error.problems:
-                print(f"{PROG} serve: error: {problem}", file=sys.stderr)
+                print(_error_line(problem, fmt=fmt, prog=parser.prog), file=sys.stderr)
             return EXIT_USAGE
     try:
         values = resolve_settings(flags, environ, config.server)
     except SettingError as error:
         parser.error(str(error))
+    parser.log_format = values["log_format"]
+    if values["log_format"] == "json":
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    # grpc core logs every failed TLS handshake (a port scan, a plaintext probe) at INFO;
+    # keep its errors only, unless the operator asks for more.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
     import asyncio  # noqa: PLC0415 - heavy imports only once the input is known to be good
 
@@ -104,8 +168,13 @@ def _serve(argv: Sequence[str], environ: Mapping[str, str]) -> int:
     try:
         asyncio.run(serve(options))
     except ListenError as error:
-        print(f"{PROG} serve: error: {error}", file=sys.stderr)
+        print(_error_line(str(error), fmt=values["log_format"], prog=parser.prog), file=sys.stderr)
         return EXIT_USAGE
+    except Exception:
+        logging.getLogger("petsage_grpc.server").critical(
+            "stopped by an unexpected error", exc_info=True
+        )
+        return EXIT_CRASHED
     return 0
 
 
@@ -176,6 +245,7 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
         help="serve; probe a server as grpc_health_probe does; show a server's status",
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.log_format = _valid_format(environ.get(_LOG_FORMAT_ENV)) or "text"
     if args == ["--version"]:
         print(f"{PROG} {installed_version()}")
         return 0

@@ -23,11 +23,16 @@ _CHECK_DURATIONS: Final = ("interval", "timeout", "initial_delay")
 
 
 class ConfigError(Exception):
-    """The configuration file is unusable; ``problems`` has one line per problem."""
+    """The configuration file is unusable; ``problems`` has one line per problem.
 
-    def __init__(self, problems: list[str]) -> None:
+    ``settings`` holds the ``[server]`` values that were valid nonetheless (the log
+    format, say, so that the problems can be reported in it).
+    """
+
+    def __init__(self, problems: list[str], *, settings: Mapping[str, Any] | None = None) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
+        self.settings: Mapping[str, Any] = settings or {}
 
 
 @dataclass(frozen=True)
@@ -89,7 +94,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     token, protect_reflection = _auth(_section(document, "auth", problem), problem)
     checks = _checks(document.get("checks", []), problem)
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(problems, settings=server_values)
     return Config(
         server=server_values,
         checks=tuple(checks),
