@@ -435,6 +435,26 @@ def test_a_duplicate_name_is_reported_with_the_entry_s_other_problems(tmp_path: 
     assert any("duplicate check name 'db'" in line for line in lines), lines
 
 
+def test_the_documented_example_prints_what_the_documentation_shows(tmp_path: Path) -> None:
+    page = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+    example = page.split("This `petsage.toml`:", 1)[1]
+    (_, toml), (_, output) = re.findall(r"```(\w*)\n(.*?)```", example, re.DOTALL)[:2]
+    shown = output.splitlines()
+    (tmp_path / "petsage.toml").write_text(toml, encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, "-m", "petsage_grpc", "serve", "--config", "petsage.toml"],
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT,
+        cwd=tmp_path,
+        env={**clean_environ(), "PYTHONPATH": str(ROOT)},
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == shown
+
+
 def test_bad_environment_value_is_one_line_naming_the_variable() -> None:
     port = free_port()
     result = run_cli(
