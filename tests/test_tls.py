@@ -13,6 +13,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -768,3 +769,56 @@ def test_a_process_that_used_the_relay_exits_quietly(pki: Pki) -> None:
     assert all(code == 0 and out == "done" for code, out, _ in runs), runs[:1]
     noisy = [err for _, _, err in runs if err.strip()]
     assert not noisy, f"{len(noisy)} of {RELAY_EXIT_RUNS} wrote to stderr, e.g.:\n{noisy[0]}"
+
+
+SILENT_RUNS: Final = 12
+
+
+class SilentListener:
+    """Accepts TCP connections on 127.0.0.1 and never answers them (no TLS handshake)."""
+
+    def __init__(self) -> None:
+        self.socket = socket.create_server(("127.0.0.1", 0), backlog=64)
+        self.port: int = self.socket.getsockname()[1]
+        self.held: list[socket.socket] = []
+        self.socket.settimeout(0.05)
+        self.stopping = False
+        self.thread = threading.Thread(target=self._accept, name="silent", daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while not self.stopping:
+            try:
+                connection, _ = self.socket.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.held.append(connection)
+
+    def close(self) -> None:
+        self.stopping = True
+        self.thread.join(10)
+        self.socket.close()
+        for connection in self.held:
+            connection.close()
+
+
+def test_unverified_probe_of_a_silent_listener_prints_its_timeout_line_only() -> None:
+    """The relay's connection, cancelled mid-handshake as the probe exits, stays quiet."""
+    listener = SilentListener()
+    try:
+
+        def run(_: int) -> Exited:
+            return probe(
+                f"-addr=127.0.0.1:{listener.port}", "-tls", "-tls-no-verify", *FAIL_TIMEOUTS
+            )
+
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            runs = list(pool.map(run, range(SILENT_RUNS)))
+    finally:
+        listener.close()
+    assert all(done.code == 2 for done in runs), [done.code for done in runs]
+    noisy = [done.stderr for done in runs if len(done.lines) != 1]
+    assert not noisy, f"{len(noisy)} of {SILENT_RUNS} wrote more than one line, e.g.:\n{noisy[0]}"
+    assert all("failed to connect" in done.lines[0] for done in runs), runs[0].lines
