@@ -965,28 +965,51 @@ def test_probe_with_bad_arguments_loads_no_grpc() -> None:
     assert not set(_SERVER_MODULES) & set(result["after"])
 
 
-def test_probe_loads_no_server_code(dead_port: int) -> None:
-    argv = ["probe", f"-addr=127.0.0.1:{dead_port}", "-connect-timeout=50ms"]
-    result = _modules_after(_PROBE_IN_PROCESS.format(argv=argv))
-    # The same interpreter with nothing but grpc and the health messages imported.
-    baseline = _modules_after(
-        "import json, sys, grpc\n"
-        "from grpc_health.v1 import health_pb2\n"
-        "print(json.dumps({'after': sorted(sys.modules)}))"
-    )
+_NOT_FOR_THE_PROBE: Final = (
+    "grpc",
+    "grpc_health",
+    "grpc_reflection",
+    "google.protobuf",
+    "aiohttp",
+    "asyncio",
+    "argparse",
+)
+"""Heavy packages a Check over one HTTP/2 connection does not need."""
 
-    assert result["code"] == 2
-    loaded = set(result["after"])
-    assert not set(_SERVER_MODULES) & loaded
-    # grpcio's own grpc/__init__.py imports grpc.aio (and the grpc_health and
-    # grpc_reflection packages when installed), so "grpc.aio" is in sys.modules in any
-    # grpc client; beyond that, the probe must load no asyncio gRPC and no other health
-    # or reflection code.
-    assert "grpc.aio" in baseline["after"]
-    extra = {
+
+def _heavy(loaded: set[str]) -> set[str]:
+    return {
         name
-        for name in loaded - set(baseline["after"])
-        if name.startswith(("grpc.aio", "grpc_health", "grpc_reflection"))
+        for name in loaded
+        if name.startswith(_SERVER_MODULES)
+        or any(name == top or name.startswith(f"{top}.") for top in _NOT_FOR_THE_PROBE)
     }
-    assert not extra, extra
+
+
+@pytest.mark.parametrize(
+    "target",
+    [pytest.param("serving", id="serving"), pytest.param("dead", id="no-server")],
+)
+def test_probe_loads_no_grpc_and_no_server_code(
+    target: str, server: InProcessServer, dead_port: int
+) -> None:
+    port = server.port if target == "serving" else dead_port
+    argv = ["probe", f"-addr=127.0.0.1:{port}", "-connect-timeout=50ms", "-gzip"]
+    # The console script's path: petsage_grpc.__main__, then cli._main.
+    code = _PROBE_IN_PROCESS.replace("petsage_grpc.cli._main", "petsage_grpc.__main__")
+    result = _modules_after(code.format(argv=argv))
+
+    assert result["code"] == (0 if target == "serving" else 2)
+    loaded = set(result["after"])
     assert "petsage_grpc.cli._probe" in loaded
+    assert "h2.connection" in loaded
+    assert not _heavy(loaded), sorted(_heavy(loaded))
+
+
+def test_tls_probe_loads_no_grpc(tls_port: int) -> None:
+    argv = ["probe", f"-addr=127.0.0.1:{tls_port}", "-tls", "-tls-no-verify"]
+    result = _modules_after(_PROBE_IN_PROCESS.format(argv=argv))
+    assert result["code"] == 0
+    loaded = set(result["after"])
+    assert "ssl" in loaded
+    assert not _heavy(loaded), sorted(_heavy(loaded))

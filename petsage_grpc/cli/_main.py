@@ -10,7 +10,6 @@ running). ``probe`` exits as grpc_health_probe does (see ``petsage_grpc.cli._pro
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import sys
@@ -20,6 +19,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from petsage_grpc.cli._version import installed_version
 
 if TYPE_CHECKING:
+    import argparse
+
     from petsage_grpc.server._config import Config
     from petsage_grpc.server._server import ServeOptions
 
@@ -29,15 +30,24 @@ PROG = "petsage-grpc"
 EXIT_USAGE = 2
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad argument is one line on stderr and exit 2."""
+def _new_parser(**options: Any) -> argparse.ArgumentParser:
+    """argparse, but a bad argument is one line on stderr and exit 2.
 
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+    Built on first use: argparse is not needed by ``probe``, which must start fast.
+    """
+    import argparse  # noqa: PLC0415
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> NoReturn:
+            self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+    return Parser(**options)
 
 
 def _argparse_type(convert: Callable[[object], Any]) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
+        import argparse  # noqa: PLC0415
+
         try:
             return convert(text)
         except ValueError as error:
@@ -59,7 +69,7 @@ def _serve(argv: Sequence[str], environ: Mapping[str, str]) -> int:
         resolve_settings,
     )
 
-    parser = _Parser(
+    parser = _new_parser(
         prog=f"{PROG} serve",
         description="Serve grpc.health.v1.Health, petsage.v1.SmokeTestService and reflection.",
         epilog=f"Every option can also be set as an environment variable {ENV_PREFIX}<NAME>, "
@@ -165,7 +175,7 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
         from petsage_grpc.cli._status_command import run_status  # noqa: PLC0415
 
         return run_status(args[1:])
-    parser = _Parser(
+    parser = _new_parser(
         prog=PROG,
         description="The PetSage gRPC health service.",
         epilog=f"Run '{PROG} COMMAND --help' (probe: '-help') for a command's options.",
