@@ -5,12 +5,20 @@ A Kubernetes exec probe line written for grpc_health_probe works unchanged with
 ``--name``, ``-name=value`` or ``-name value``; parsing stops at the first argument
 that is not a flag. Messages go to stderr, as grpc_health_probe's do.
 
+A probe runs every few seconds in every pod, inside its memory limit, so it pays only
+for one ``Check``: one HTTP/2 connection (``h2``; ``ssl`` for TLS, verifying or not)
+and two hand-encoded messages. Neither grpcio nor protobuf is loaded.
+
 Exit codes:
     0  the service answered SERVING (and -version)
     1  invalid arguments (unknown flag, bad value, conflicting TLS flags, unusable TLS
        file) and -help, as Go's flag package has it
-    2  connection failed or timed out (a TLS mismatch looks like this too)
+    2  connection failed or timed out, retried until -connect-timeout as grpc's blocking
+       dial does (a TLS mismatch, an HTTP/1 server or one that never sends HTTP/2
+       SETTINGS look like this too)
     3  the RPC failed: NOT_FOUND, UNIMPLEMENTED, DEADLINE_EXCEEDED, UNAUTHENTICATED, ...
+       (also an HTTP/2 server that is not gRPC, a reset stream, GOAWAY before the
+       answer, a malformed answer)
     4  the service answered, but not SERVING
 """
 
