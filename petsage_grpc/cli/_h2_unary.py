@@ -382,7 +382,12 @@ def _open_socket(family: int, where: str | tuple[str, int], timeout: float) -> s
             sock.close()
             raise
         return sock
-    sock = socket.create_connection(where, timeout=timeout)
+    host, port = where
+    # An ASCII name as bytes skips the idna codec (and its imports), which a str costs.
+    sock = socket.create_connection(
+        (host.encode() if host.isascii() else host, port),  # type: ignore[arg-type]
+        timeout=timeout,
+    )
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
 
