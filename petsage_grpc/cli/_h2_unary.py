@@ -168,6 +168,8 @@ class H2Channel:
         except OSError as error:
             raise NotConnectedError(_reason(error)) from None
         try:
+            # The TLS handshake and the SETTINGS wait share what is left of *timeout*.
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
             if tls is not None:
                 hostname = server_name or (where[0] if isinstance(where, tuple) else "localhost")
                 sock = tls.wrap_socket(sock, server_hostname=hostname)
