@@ -27,7 +27,6 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
 from petsage_grpc._durations import format_go_duration, parse_go_duration
@@ -66,14 +65,18 @@ class _HelpRequestedError(Exception):
 # -- flags ----------------------------------------------------------------------------
 
 
-@dataclass
 class _Flags:
+    """The parsed flags, defaults as grpc_health_probe's.
+
+    A plain class: ``dataclasses`` imports ``inspect``, which would cost the probe more
+    than all its own code.
+    """
+
     addr: str = ""
     service: str = ""
     user_agent: str = "grpc_health_probe"
     connect_timeout: float = 1.0
     rpc_timeout: float = 1.0
-    rpc_header: list[tuple[str, str]] = field(default_factory=list)
     tls: bool = False
     tls_no_verify: bool = False
     tls_ca_cert: str = ""
@@ -85,6 +88,9 @@ class _Flags:
     version: bool = False
     spiffe: bool = False
     alts: bool = False
+
+    def __init__(self) -> None:
+        self.rpc_header: list[tuple[str, str]] = []
 
 
 _TRUE: Final = frozenset({"1", "t", "T", "TRUE", "true", "True"})
@@ -294,11 +300,11 @@ def _connect(flags: _Flags, context: ssl.SSLContext | None) -> H2Channel | None:
     """Connect within -connect-timeout, retrying as grpc's blocking dial does; None: failed."""
     deadline = time.monotonic() + flags.connect_timeout
     pause = _FIRST_RETRY_SECONDS
-    while True:
+    while (remaining := deadline - time.monotonic()) > 0:
         try:
             return H2Channel.connect(
                 flags.addr,
-                timeout=deadline - time.monotonic(),
+                timeout=remaining,
                 tls=context,
                 server_name=flags.tls_server_name,
             )
@@ -309,6 +315,7 @@ def _connect(flags: _Flags, context: ssl.SSLContext | None) -> H2Channel | None:
             return None  # no other attempt fits in the time left
         time.sleep(pause)
         pause = min(pause * 1.6, _MAX_RETRY_SECONDS)
+    return None  # a sleep overran the deadline
 
 
 def _rpc_failure(reply: Reply, flags: _Flags) -> str:
