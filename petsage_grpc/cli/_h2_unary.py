@@ -13,8 +13,8 @@ stream resets to gRPC codes.
 Flow control needs no bookkeeping here: the client opens its receive windows wide at
 the start (and refuses answers over 4 MiB), and its one request is far smaller than any
 send window a server grants. ``h2``, the full HTTP/2 state machine, is not used: with
-the ``dataclasses`` and ``inspect`` modules it pulls in, it costs the probe about a third
-of its CPU time and over 1 MiB of memory (docs/benchmarks.md, "exec probe").
+the ``dataclasses`` and ``inspect`` modules it pulls in, it cost the probe a fifth to a
+third of its CPU time and almost 2 MiB of memory (docs/benchmarks.md, "Exec probe").
 """
 
 from __future__ import annotations

@@ -11,7 +11,6 @@ running). ``probe`` exits as grpc_health_probe does (see ``petsage_grpc.cli._pro
 from __future__ import annotations
 
 import os
-import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -60,6 +59,8 @@ def _serve(argv: Sequence[str], environ: Mapping[str, str]) -> int:
     # grpc core logs every failed TLS handshake (a port scan, a plaintext probe) at INFO;
     # keep its errors only, unless the operator asks for more. Read when grpc is imported.
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    import signal  # noqa: PLC0415 - not on the probe's path
+
     # Until the server installs its handler, a SIGHUP (reload) must not end the process.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from petsage_grpc.server._settings import (  # noqa: PLC0415
