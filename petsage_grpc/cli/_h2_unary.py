@@ -167,7 +167,6 @@ _WINDOW: Final = 1 << 24
 """Receive window announced for the stream and the connection: more than any answer."""
 _PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _INITIAL_WINDOW: Final = 65535
-_ERROR_PROTOCOL: Final = 0x1
 _ERROR_CANCEL: Final = 0x8
 
 
