@@ -6,8 +6,9 @@ A Kubernetes exec probe line written for grpc_health_probe works unchanged with
 that is not a flag. Messages go to stderr, as grpc_health_probe's do.
 
 A probe runs every few seconds in every pod, inside its memory limit, so it pays only
-for one ``Check``: one HTTP/2 connection (``h2``; ``ssl`` for TLS, verifying or not)
-and two hand-encoded messages. Neither grpcio nor protobuf is loaded.
+for one ``Check``: one HTTP/2 connection (``cli/_h2_unary``: hyperframe and hpack;
+``ssl`` for TLS, verifying or not) and two hand-encoded messages. Neither grpcio nor
+protobuf is loaded.
 
 Exit codes:
     0  the service answered SERVING (and -version)
