@@ -18,13 +18,10 @@ given: its error is reported in the format the environment asks for.
 
 from __future__ import annotations
 
-import argparse
-import logging
 import os
-import signal
 import sys
-from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, NoReturn
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from petsage_grpc.cli._version import installed_version
 
@@ -35,70 +32,22 @@ if TYPE_CHECKING:
 __all__ = ["main"]
 
 PROG = "petsage-grpc"
-EXIT_USAGE = 2
 EXIT_CRASHED = 1
-_LOG_FORMAT_ENV = "PETSAGE_GRPC_LOG_FORMAT"
-_LOG_FORMATS = ("text", "json")
-
-
-def _error_line(message: str, *, fmt: str, prog: str) -> str:
-    if fmt != "json":  # the common case needs no import
-        return f"{prog}: error: {message}"
-    from petsage_grpc.server._logging import startup_error_line  # noqa: PLC0415
-
-    return startup_error_line(message, fmt=fmt, prog=prog)
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad argument is one line on stderr, in the log format, and exit 2."""
-
-    log_format = "text"
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, _error_line(message, fmt=self.log_format, prog=self.prog) + "\n")
-
-
-class _UnreadableFlagsError(Exception):
-    """The flags cannot be read far enough to find --log-format."""
-
-
-class _LenientParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise _UnreadableFlagsError(message)
-
-
-def _valid_format(value: object) -> str | None:
-    text = str(value).lower() if isinstance(value, str) else None
-    return text if text in _LOG_FORMATS else None
-
-
-def _early_log_format(argv: Sequence[str], environ: Mapping[str, str], flags: Sequence[str]) -> str:
-    """The log format as far as it is known before the flags are parsed for real.
-
-    *flags* are every option ``serve`` takes, so that abbreviations resolve as they will.
-    """
-    lenient = _LenientParser(add_help=False)
-    for flag in flags:
-        lenient.add_argument(flag)
-    try:
-        known, _ = lenient.parse_known_args(argv)
-        from_flag = _valid_format(known.log_format)
-    except _UnreadableFlagsError:
-        from_flag = None
-    return from_flag or _valid_format(environ.get(_LOG_FORMAT_ENV)) or "text"
-
-
-def _argparse_type(convert: Callable[[object], Any]) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        try:
-            return convert(text)
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
-
-    return parse
 
 
 def _serve(argv: Sequence[str], environ: Mapping[str, str]) -> int:
+    import signal  # noqa: PLC0415 - argparse, signal: not on the probe's path
+
+    from petsage_grpc.cli._parsing import (  # noqa: PLC0415
+        EXIT_USAGE,
+        LOG_FORMAT_ENV,
+        Parser,
+        argparse_type,
+        early_log_format,
+        error_line,
+        valid_format,
+    )
+
     # Until the server installs its handler, a SIGHUP (reload) must not end the process.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from petsage_grpc.server._settings import (  # noqa: PLC0415
@@ -108,7 +57,7 @@ def _serve(argv: Sequence[str], environ: Mapping[str, str]) -> int:
         resolve_settings,
     )
 
-    parser = _Parser(
+    parser = Parser(
         prog=f"{PROG} serve",
         description="Serve grpc.health.v1.Health, petsage.v1.SmokeTestService and reflection.",
         epilog=f"Every option can also be set as an environment variable {ENV_PREFIX}<NAME>, "
@@ -117,16 +66,16 @@ def _serve(argv: Sequence[str], environ: Mapping[str, str]) -> int:
     )
     for setting in SERVER_SETTINGS:
         parser.add_argument(
-            setting.flag, dest=setting.name, type=_argparse_type(setting.convert), help=setting.help
+            setting.flag, dest=setting.name, type=argparse_type(setting.convert), help=setting.help
         )
-    parser.log_format = _early_log_format(argv, environ, [s.flag for s in SERVER_SETTINGS])
+    parser.log_format = early_log_format(argv, environ, [s.flag for s in SERVER_SETTINGS])
     flags = vars(parser.parse_args(argv))
     try:
         early = resolve_settings(flags, environ)
     except SettingError as error:
         parser.error(str(error))
     # Flag and environment are valid now; the file may still set the format below.
-    given = flags["log_format"] or _valid_format(environ.get(_LOG_FORMAT_ENV))
+    given = flags["log_format"] or valid_format(environ.get(LOG_FORMAT_ENV))
     parser.log_format = early["log_format"]
     if given == "json":
         # grpc core writes its own plain-text lines; silence it before anything (a
@@ -140,9 +89,9 @@ def _serve(argv: Sequence[str], environ: Mapping[str, str]) -> int:
         try:
             config = load_config(early["config"])
         except ConfigError as error:
-            fmt = given or _valid_format(error.settings.get("log_format")) or "text"
+            fmt = given or valid_format(error.settings.get("log_format")) or "text"
             for problem in error.problems:
-                print(_error_line(problem, fmt=fmt, prog=parser.prog), file=sys.stderr)
+                print(error_line(problem, fmt=fmt, prog=parser.prog), file=sys.stderr)
             return EXIT_USAGE
     try:
         values = resolve_settings(flags, environ, config.server)
@@ -168,9 +117,11 @@ def _serve(argv: Sequence[str], environ: Mapping[str, str]) -> int:
     try:
         asyncio.run(serve(options))
     except ListenError as error:
-        print(_error_line(str(error), fmt=values["log_format"], prog=parser.prog), file=sys.stderr)
+        print(error_line(str(error), fmt=values["log_format"], prog=parser.prog), file=sys.stderr)
         return EXIT_USAGE
     except Exception:
+        import logging  # noqa: PLC0415
+
         logging.getLogger("petsage_grpc.server").critical(
             "stopped by an unexpected error", exc_info=True
         )
@@ -234,7 +185,9 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
         from petsage_grpc.cli._status_command import run_status  # noqa: PLC0415
 
         return run_status(args[1:])
-    parser = _Parser(
+    from petsage_grpc.cli._parsing import EXIT_USAGE, LOG_FORMAT_ENV, Parser, valid_format  # noqa: PLC0415
+
+    parser = Parser(
         prog=PROG,
         description="The PetSage gRPC health service.",
         epilog=f"Run '{PROG} COMMAND --help' (probe: '-help') for a command's options.",
@@ -245,7 +198,7 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
         help="serve; probe a server as grpc_health_probe does; show a server's status",
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
-    parser.log_format = _valid_format(environ.get(_LOG_FORMAT_ENV)) or "text"
+    parser.log_format = valid_format(environ.get(LOG_FORMAT_ENV)) or "text"
     if args == ["--version"]:
         print(f"{PROG} {installed_version()}")
         return 0

@@ -1,10 +1,10 @@
 """A loopback relay that speaks TLS to a server without verifying its certificate.
 
-grpcio has no way to skip certificate verification, which grpc_health_probe's
-``-tls-no-verify`` asks for. The probe therefore talks plaintext HTTP/2 to this relay on
+grpcio has no way to skip certificate verification, which ``--tls-no-verify`` asks for.
+``petsage-grpc status`` (a grpcio client) therefore talks plaintext HTTP/2 to this relay on
 127.0.0.1, and the relay makes the TLS connection (ALPN h2, client certificate if given)
-with verification off. A failed handshake closes the relayed connection, which the probe
-reports as a connection failure, as grpc_health_probe does.
+with verification off. A failed handshake closes the relayed connection, which the client
+reports as a connection failure. (The probe needs no relay: it speaks HTTP/2 over ``ssl``.)
 
 The relay runs an asyncio loop on one daemon thread: an SSL socket must never be read
 and written from two threads at once.
