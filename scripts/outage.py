@@ -44,7 +44,8 @@ answered after the event) and the calls that failed while it lasted.
 Exit status: 0 when every scenario ran (figures are reported, not judged: the tests and
 docs/reliability.md judge them); 1 when a replica, a Redis or HAProxy did not start or
 a step timed out; 2 on bad arguments. Every wait is bounded, every child process is ended
-on exit, and everything listens on 127.0.0.1 only.
+on exit (and killed by the kernel if this process is killed), and everything listens on
+127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -141,6 +142,17 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def _dies_with_us(*command: str) -> list[str]:
+    """*command*, made to get SIGKILL when this process dies (even by SIGKILL itself).
+
+    ``setpriv --pdeathsig`` (util-linux) execs the command in place; without it, only a
+    normal exit ends the children. Children are started from the main thread, whose end
+    is what the kernel watches.
+    """
+    setpriv = shutil.which("setpriv")
+    return [*command] if setpriv is None else [setpriv, "--pdeathsig=KILL", "--", *command]
+
+
 class StepError(Exception):
     """A replica, a Redis or the front end did not do what was asked in time."""
 
@@ -168,8 +180,10 @@ class Redis:
             raise StepError("redis-server is not installed (Debian package redis-server)")
         with self._log.open("ab") as log:
             self._process = await asyncio.create_subprocess_exec(
-                binary, "--port", str(self.port), "--bind", HOST, "--save", "",
-                "--appendonly", "no", "--daemonize", "no",
+                *_dies_with_us(
+                    binary, "--port", str(self.port), "--bind", HOST, "--save", "",
+                    "--appendonly", "no", "--daemonize", "no",
+                ),
                 stdout=log, stderr=log,
             )  # fmt: skip
         deadline = time.monotonic() + STEP_TIMEOUT
@@ -216,10 +230,12 @@ class Replica:
     async def start(self) -> None:
         with self.log.open("ab") as log:
             self.process = await asyncio.create_subprocess_exec(
-                sys.executable, str(EMBED), "--host", HOST, "--port", str(self.port),
-                "--http-port", str(self.http_port), "--redis", self.redis.url,
-                "--replica", self.name, "--drain-seconds", str(DRAIN_SECONDS),
-                "--grace-seconds", str(GRACE_SECONDS),
+                *_dies_with_us(
+                    sys.executable, str(EMBED), "--host", HOST, "--port", str(self.port),
+                    "--http-port", str(self.http_port), "--redis", self.redis.url,
+                    "--replica", self.name, "--drain-seconds", str(DRAIN_SECONDS),
+                    "--grace-seconds", str(GRACE_SECONDS),
+                ),
                 stdout=asyncio.subprocess.PIPE, stderr=log,
             )  # fmt: skip
         stdout = self.process.stdout
@@ -394,7 +410,7 @@ class HaproxyFrontEnd:
             env[f"PETSAGE_REPLICA_{index}"] = replica.address
             env[f"PETSAGE_REPLICA_{index}_HTTP"] = str(replica.http_port)
         self._process = await asyncio.create_subprocess_exec(
-            binary, "-db", "-f", str(self._config),
+            *_dies_with_us(binary, "-db", "-f", str(self._config)),
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=env,
         )  # fmt: skip
         self._reader = asyncio.create_task(self._read())
