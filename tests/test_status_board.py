@@ -6,6 +6,7 @@ import asyncio
 import gc
 import itertools
 import threading
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -20,6 +21,7 @@ from petsage_grpc import (
     ServingStatus,
     StatusBoard,
 )
+from petsage_grpc.board._status import HISTORY_LENGTH
 
 T = TypeVar("T")
 
@@ -724,3 +726,33 @@ def test_a_large_wake_restores_the_applications_thresholds_and_disabled_collecto
     finally:
         gc.set_threshold(*original)
         gc.enable()
+
+
+# --- transition history ---------------------------------------------------------------
+
+
+def test_history_records_reported_changes_with_times_and_is_bounded() -> None:
+    before = time.time()
+    board = StatusBoard()
+    (registered,) = board.history(READINESS)
+    assert registered.status is ServingStatus.SERVING
+    assert before <= registered.at <= time.time()
+    board.set("db", ServingStatus.NOT_SERVING)
+    board.set("db", ServingStatus.NOT_SERVING)  # no change, no entry
+    board.set("db", ServingStatus.SERVING)
+    assert [t.status for t in board.history("db")] == [
+        ServingStatus.NOT_SERVING,
+        ServingStatus.SERVING,
+    ]
+    board.drain()  # what is reported changes, so the history shows it
+    assert board.history("db")[-1].status is ServingStatus.NOT_SERVING
+    board.resume()
+    for flip in range(HISTORY_LENGTH * 2):
+        board.set("db", ServingStatus.SERVING if flip % 2 else ServingStatus.NOT_SERVING)
+    history = board.history("db")
+    assert len(history) == HISTORY_LENGTH
+    assert history[-1].status is ServingStatus.SERVING
+    assert all(a.at <= b.at for a, b in itertools.pairwise(history))
+    board.clear("db")
+    assert board.history("db") == ()
+    assert board.history("never-set") == ()

@@ -90,6 +90,8 @@ class CheckState:
     last_success_time: float | None = None
     """Wall-clock time (seconds since the epoch) of the last passing attempt."""
     last_error: str | None = None
+    flips: int = 0
+    """How often the check's status has changed (SERVING to NOT_SERVING or back)."""
 
 
 class HealthMonitor:
@@ -177,6 +179,7 @@ class HealthMonitor:
                 wanted[name],
                 serving=state.serving,
                 completed_first_attempt=state.completed_first_attempt,
+                flips=state.flips,  # a counter for Prometheus: it must not go back
             )
         for name in changes.added:
             self._states[name] = CheckState(wanted[name])
@@ -260,6 +263,8 @@ class HealthMonitor:
             state.last_error = error
             if state.serving and state.consecutive_failures >= check.failure_threshold:
                 state.serving = False
+        if state.serving != was_serving:
+            state.flips += 1
         first = not state.completed_first_attempt
         state.completed_first_attempt = True
         self._board.set(

@@ -13,6 +13,8 @@ import enum
 import gc
 import logging
 import threading
+import time
+from collections import deque
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Final, NamedTuple
 
@@ -24,6 +26,7 @@ __all__ = [
     "STARTUP",
     "ServingStatus",
     "StatusBoard",
+    "Transition",
 ]
 
 _log = logging.getLogger("petsage_grpc.status")
@@ -59,6 +62,17 @@ def _settable(status: ServingStatus) -> ServingStatus:
     if status is ServingStatus.SERVICE_UNKNOWN:
         raise ValueError("SERVICE_UNKNOWN is reported for unknown names; use clear()")
     return status
+
+
+HISTORY_LENGTH: Final = 100
+"""How many reported-status transitions the board remembers per name."""
+
+
+class Transition(NamedTuple):
+    """A name's reported status changed to *status* at *at* (seconds since the epoch)."""
+
+    at: float
+    status: ServingStatus
 
 
 _DEFER_FULL_GC_WATCHERS: Final = 64
@@ -234,6 +248,12 @@ class StatusBoard:
         # The reported statuses, kept materialised so that Check is one dict lookup.
         self._reported: dict[str, ServingStatus] = dict(self._set)
         self._watchers: dict[str, set[_Watcher]] = {}
+        # Written only when a reported status changes, never by Check or Watch.
+        now = time.time()
+        self._history: dict[str, deque[Transition]] = {
+            name: deque((Transition(now, status),), maxlen=HISTORY_LENGTH)
+            for name, status in self._reported.items()
+        }
 
     # -- reading ------------------------------------------------------------------
 
@@ -245,6 +265,15 @@ class StatusBoard:
         """Return a copy of every known name and its reported status."""
         with self._lock:
             return dict(self._reported)
+
+    def history(self, service: str) -> tuple[Transition, ...]:
+        """Return *service*'s last reported-status changes, oldest first (empty if unknown).
+
+        At most :data:`HISTORY_LENGTH` are kept per name; the first is when the name was
+        registered (or the oldest change still kept). Forgetting a name forgets its history.
+        """
+        with self._lock:
+            return tuple(self._history.get(service, ()))
 
     def __len__(self) -> int:
         """Return how many service names the board knows."""
@@ -315,14 +344,20 @@ class StatusBoard:
     def _apply(self, updates: Mapping[str, ServingStatus | None]) -> list[_Change]:
         """Store reported statuses and fill changed names' mailboxes. Lock held."""
         changes: list[_Change] = []
+        now = time.time()
         for service, new in updates.items():
             old = self._reported.get(service)
             if old == new:
                 continue
             if new is None:
                 del self._reported[service]
+                self._history.pop(service, None)
             else:
                 self._reported[service] = new
+                history = self._history.get(service)
+                if history is None:
+                    history = self._history[service] = deque(maxlen=HISTORY_LENGTH)
+                history.append(Transition(now, new))
             watchers = tuple(self._watchers.get(service, ()))
             for watcher in watchers:
                 if not isinstance(watcher.latest, _Closed):  # close_watches() is final

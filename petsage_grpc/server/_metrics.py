@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from petsage_grpc.board._monitor import HealthMonitor
@@ -52,6 +52,23 @@ class _StateCollector(Collector):
             "When the check last passed (seconds since the epoch).",
             labels=["check"],
         )
+        # For the alerting rules (deploy/prometheus-rules.yaml): which checks are critical,
+        # how close each attempt comes to its timeout, and how often a check flaps.
+        serving_check = GaugeMetricFamily(
+            "petsage_grpc_check_serving",
+            "1 if the check reports SERVING, else 0; critical checks gate readiness.",
+            labels=["check", "critical"],
+        )
+        timeout = GaugeMetricFamily(
+            "petsage_grpc_check_timeout_seconds",
+            "The check's timeout: the budget of one attempt.",
+            labels=["check"],
+        )
+        changes = CounterMetricFamily(
+            "petsage_grpc_check_status_changes",
+            "How often the check's status changed between SERVING and NOT_SERVING.",
+            labels=["check"],
+        )
         for state in self._monitor.states:
             labels = [state.check.name]
             if state.last_duration is not None:
@@ -59,7 +76,11 @@ class _StateCollector(Collector):
             failures.add_metric(labels, state.consecutive_failures)
             if state.last_success_time is not None:
                 last_success.add_metric(labels, state.last_success_time)
-        yield from (duration, failures, last_success)
+            critical = "true" if state.check.critical else "false"
+            serving_check.add_metric([state.check.name, critical], 1.0 if state.serving else 0.0)
+            timeout.add_metric(labels, state.check.timeout)
+            changes.add_metric(labels, state.flips)
+        yield from (duration, failures, last_success, serving_check, timeout, changes)
 
 
 class _RpcCounter(grpc.aio.ServerInterceptor):
