@@ -9,6 +9,8 @@ the same status board as the gRPC services, so HTTP and gRPC never disagree.
   ``readiness``, ``startup``; ``?verbose`` adds one line per dependency check (names
   only, and only for callers with the bearer token when one is configured).
 - ``GET /metrics``: Prometheus text, when metrics are on.
+- ``GET /``: the status page for people, and ``GET /status.json``, the same for scripts
+  (see :mod:`petsage_grpc.server._status_page`).
 
 Built on aiohttp's low-level server so that even its answers to malformed requests
 carry no version and echo nothing back.
@@ -24,6 +26,7 @@ from typing import Final
 
 from aiohttp import web
 
+from petsage_grpc.board._monitor import HealthMonitor
 from petsage_grpc.board._status import (
     LIVENESS,
     READINESS,
@@ -33,6 +36,7 @@ from petsage_grpc.board._status import (
     StatusBoard,
 )
 from petsage_grpc.server._metrics import Metrics
+from petsage_grpc.server._status_page import StatusPage
 from petsage_grpc.services._auth import BearerToken
 from petsage_grpc.services._smoke_test import NOT_SERVING_DETAILS, SMOKE_TEST_MESSAGE, check_states
 
@@ -89,7 +93,15 @@ class HttpFace:
         *,
         metrics: Metrics | None = None,
         auth: BearerToken | None = None,
+        monitor: HealthMonitor | None = None,
+        report_checks: bool = True,
+        loop_lag: Callable[[], float | None] | None = None,
     ) -> None:
+        """Serve *board*; *monitor*'s checks on the status page unless not *report_checks*.
+
+        *loop_lag*, when given, returns the measured event loop lag in seconds (or None)
+        for the status page.
+        """
         self._board = board
         self._metrics = metrics
         self._auth = auth
@@ -98,6 +110,15 @@ class HttpFace:
             self._routes[path] = self._probe(service)
         if metrics is not None:
             self._routes["/metrics"] = self._render_metrics
+        page = StatusPage(
+            board,
+            monitor=monitor,
+            report_checks=report_checks,
+            may_see_checks=self._may_see_checks,
+            headers=_HEADERS,
+            loop_lag=loop_lag,
+        )
+        self._routes.update(page.routes())
         self._runner: web.ServerRunner | None = None
 
     async def _handle(self, request: web.BaseRequest) -> web.Response:

@@ -185,6 +185,8 @@ async def _assemble(options: ServeOptions, board: StatusBoard) -> _Assembly:
             board,
             metrics=metrics,
             auth=None if options.auth_token is None else BearerToken(options.auth_token),
+            monitor=monitor,
+            report_checks=options.report_checks,
         )
     server = grpc.aio.server(
         options=SERVER_OPTIONS, interceptors=[metrics.interceptor] if metrics else None
