@@ -248,6 +248,7 @@ class StatusBoard:
         # The reported statuses, kept materialised so that Check is one dict lookup.
         self._reported: dict[str, ServingStatus] = dict(self._set)
         self._watchers: dict[str, set[_Watcher]] = {}
+        self._revision = 0
         # Written only when a reported status changes, never by Check or Watch.
         now = time.time()
         self._history: dict[str, deque[Transition]] = {
@@ -274,6 +275,11 @@ class StatusBoard:
         """
         with self._lock:
             return tuple(self._history.get(service, ()))
+
+    @property
+    def revision(self) -> int:
+        """A number that grows with every change of a reported status (for caching views)."""
+        return self._revision
 
     def __len__(self) -> int:
         """Return how many service names the board knows."""
@@ -349,6 +355,7 @@ class StatusBoard:
             old = self._reported.get(service)
             if old == new:
                 continue
+            self._revision += 1
             if new is None:
                 del self._reported[service]
                 self._history.pop(service, None)

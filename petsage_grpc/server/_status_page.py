@@ -5,8 +5,9 @@ The page is three static files shipped with the package; its script polls
 server-sent events: a poll is a short request, so the page holds nothing on the server
 between polls (no stream to cap, time out, keep alive through proxies or end on a
 graceful stop), a server that has gone away shows as a failed request within one poll,
-and a hidden tab stops asking. Many open pages share one rendering per
-:data:`_RENDER_SECONDS`, so they cost the server a dictionary lookup each.
+and a hidden tab stops asking. Open pages share one rendering until the board or a
+check's result changes (at most every :data:`_MIN_RENDER_SECONDS`, at least every
+:data:`_MAX_RENDER_AGE`), so each poll costs the server little more than an HTTP exchange.
 
 What it shows follows the rules of everything public: check names, kinds, states and
 timings only (never a target, host, error text or version); the checks and the names
@@ -41,8 +42,10 @@ __all__ = ["STATUS_JSON_PATH", "StatusPage", "status_document"]
 
 STATUS_JSON_PATH: Final = "/status.json"
 _STANDARD_NAMES: Final = (OVERALL, LIVENESS, READINESS, STARTUP, SMOKE_TEST_SERVICE)
-_RENDER_SECONDS: Final = 0.1
-"""How long one rendering of status.json is served to every poller (well under a poll)."""
+_MIN_RENDER_SECONDS: Final = 0.1
+"""A rendering is served this long at least, however fast checks change (well under a poll)."""
+_MAX_RENDER_AGE: Final = 1.0
+"""A rendering is served this long at most, even if nothing changed (its times move on)."""
 _ASSETS: Final = {
     "/": ("index.html", "text/html; charset=utf-8"),
     "/status-page.js": ("status-page.js", "text/javascript; charset=utf-8"),
@@ -163,7 +166,7 @@ class StatusPage:
         self._headers = headers
         self._loop_lag = loop_lag
         self._assets: dict[str, bytes] = {}  # read on first request: idle servers hold none
-        self._rendered: dict[str | None, tuple[float, bytes]] = {}
+        self._rendered: dict[str | None, tuple[float, object, bytes]] = {}
 
     def routes(self) -> dict[str, Handler]:
         """The page's paths and their handlers (GET and HEAD only, as every route)."""
@@ -177,18 +180,35 @@ class StatusPage:
             return "config"
         return None if self._may_see_checks(request) else "token"
 
+    def _version(self) -> object:
+        """What status.json shows changes only when this does (the clock aside)."""
+        results = (
+            ()
+            if self._monitor is None
+            else tuple(
+                (s.consecutive_successes, s.consecutive_failures, s.last_duration)
+                for s in self._monitor.states
+            )
+        )
+        lag = self._loop_lag() if self._loop_lag is not None else None
+        return self._board.revision, results, lag
+
     async def _status_json(self, request: web.BaseRequest) -> web.Response:
         hidden = self._hidden_because(request)
         now = time.monotonic()
+        version = self._version()
         cached = self._rendered.get(hidden)
-        if cached is None or now - cached[0] > _RENDER_SECONDS:
+        if cached is None or not (
+            now - cached[0] < _MIN_RENDER_SECONDS
+            or (now - cached[0] < _MAX_RENDER_AGE and cached[1] == version)
+        ):
             lag = self._loop_lag() if self._loop_lag is not None else None
             document = status_document(
                 self._board, self._monitor, checks_hidden=hidden, loop_lag=lag
             )
-            cached = self._rendered[hidden] = (now, json.dumps(document).encode())
+            cached = self._rendered[hidden] = (now, version, json.dumps(document).encode())
         return web.Response(
-            body=cached[1],
+            body=cached[2],
             headers={
                 **self._headers,
                 "Content-Type": "application/json",
