@@ -7,7 +7,8 @@
 nghttp2-client, the Node packages, matplotlib) and runs the full benchmark. Sections:
 Check throughput on persistent connections (h2load), the kubelet model (a new connection
 per probe), Check latency at a fixed rate with dependency checks that hang, Watch
-fan-out, and spawn to SERVING with idle RSS and CPU. The exit code is 1 if any
+fan-out, spawn to SERVING with idle RSS and CPU, and the status page (Check latency
+with 50 pages open, idle cost of --http-port). The exit code is 1 if any
 measurement failed (the errors are listed in the JSON and the report), else 0; missed
 targets do not change it.
 """
@@ -48,8 +49,16 @@ from benchmarks.measure import (
 )
 from benchmarks.procs import Processes, cpu_sets
 from benchmarks.report import evaluate_targets, markdown_table, tables, write_markdown, write_plot
+from benchmarks.status_page import measure_status_page
 
-SECTION_NAMES: Final = ("throughput", "kubelet", "hanging_dependency", "watch", "startup")
+SECTION_NAMES: Final = (
+    "throughput",
+    "kubelet",
+    "hanging_dependency",
+    "watch",
+    "startup",
+    "status_page",
+)
 NOTES: Final = ROOT / "benchmarks" / "notes.md"
 FULL_COMMAND: Final = "scripts/benchmark   # = .venv/bin/python -m benchmarks.run, after setting up"
 SMOKE_COMMAND: Final = ".venv/bin/python -m benchmarks.run --smoke"
@@ -179,6 +188,13 @@ def _measure(bench: Bench, wanted: Sequence[str], log: dict[str, str]) -> dict[s
         )
     if "startup" in wanted:
         steps.append(("spawn and idle", lambda: sections.update(startup=measure_startup(bench))))
+    if "status_page" in wanted:
+        steps.append(
+            (
+                "status page",
+                lambda: sections.update(status_page=measure_status_page(bench)),
+            )
+        )
     for name, step in steps:
         print(f"{name} (load average {_load_average()})", file=sys.stderr, flush=True)
         started = time.perf_counter()

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from conftest import ROOT
 
-SECTIONS = ("throughput", "kubelet", "hanging_dependency", "watch", "startup")
+SECTIONS = ("throughput", "kubelet", "hanging_dependency", "watch", "startup", "status_page")
 CHECK_PEERS = {"bare-aio", "petsage", "stock-aio", "stock-sync", "grpc-js"}
 WATCH_PEERS = {"bare-stream", "petsage-embedded", "stock-aio"}
 RUN_TIMEOUT = 180
