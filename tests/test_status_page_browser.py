@@ -22,7 +22,7 @@ from typing import Final
 import pytest
 from conftest import ServerProcess
 from tcp_listener import free_port
-from test_http import FAST, Listener, check_table, wait_for_status
+from test_http import FAST, TOKEN, Listener, check_table, wait_for_status
 
 CHROMIUM: Final = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
@@ -153,8 +153,10 @@ def test_page_loads_cleanly_and_shows_every_name(open_page: OpenPage) -> None:
     assert outside == []
     asked = {url.removeprefix(open_page.origin) for url in open_page.requests}
     assert asked == {"/", "/status-page.js", "/status-page.css", "/favicon.svg", "/status.json"}
-    # Readable on a phone: nothing wider than the screen.
+    # Readable on a phone and in a terminal-sized window: nothing wider than the screen.
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    page.set_viewport_size({"width": 640, "height": 384})
+    assert page.evaluate("document.documentElement.scrollWidth") <= 640
 
 
 def test_a_check_turns_red_when_its_dependency_stops_and_green_when_back(
@@ -199,3 +201,35 @@ def test_the_page_says_plainly_when_the_server_has_gone(
     expect(page.locator("body")).to_have_attribute("data-connection", "gone")
     # What was last known stays on screen, marked as stale rather than wiped.
     expect(page.locator(open_page.check_card("db", "passing"))).to_be_visible()
+
+
+def test_with_a_token_the_checks_show_only_once_it_is_entered(
+    browser: BrowserContext, tmp_path: Path, spawn_server: SpawnServer
+) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN, encoding="utf-8")
+    with Listener() as listener:
+        config = tmp_path / "petsage.toml"
+        config.write_text(check_table("db", listener.address, **FAST), encoding="utf-8")
+        http_port = free_port()
+        spawn_server(
+            "--http-port",
+            str(http_port),
+            "--config",
+            str(config),
+            "--auth-token-file",
+            str(token_file),
+        )
+        wait_for_status(http_port, "/readyz", 200)
+        page = browser.new_page()
+        page.goto(f"http://127.0.0.1:{http_port}/")
+        expect(page.locator("#token-form")).to_be_visible(timeout=WAIT_MS)
+        expect(page.locator('#names li[data-name="readiness"]')).to_be_visible()
+        assert page.locator("article.check").count() == 0
+        assert page.locator('#names li[data-name="check.db"]').count() == 0
+        page.fill("#token", TOKEN)
+        page.click("#token-form button")
+        expect(page.locator('article.check[data-check="db"]')).to_be_visible(timeout=WAIT_MS)
+        expect(page.locator('#names li[data-name="check.db"]')).to_be_visible()
+        expect(page.locator("#token-form")).to_be_hidden()
+        assert TOKEN not in page.content()

@@ -106,8 +106,9 @@ SERVER_SETTINGS: Final = (
         "http_port",
         _port,
         None,
-        "serve HTTP on this port: /api/v1/health/smoke-test, /livez, /readyz, /startupz and "
-        "Prometheus /metrics (default: off)",
+        "serve HTTP on this port: the status page / and /status.json, "
+        "/api/v1/health/smoke-test, /livez, /readyz, /startupz and Prometheus /metrics "
+        "(default: off)",
     ),
     Setting("tls_cert", _path, None, "serve TLS with this PEM certificate chain (needs --tls-key)"),
     Setting("tls_key", _path, None, "the PEM private key for --tls-cert"),
