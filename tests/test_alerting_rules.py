@@ -18,6 +18,7 @@ from conftest import ROOT
 RULES: Final = ROOT / "deploy" / "prometheus-rules.yaml"
 OPERATOR_RULE: Final = ROOT / "deploy" / "prometheus-rule.yaml"
 RULE_TESTS: Final = ROOT / "tests" / "alerting" / "rules-test.yaml"
+OPERATIONS: Final = ROOT / "docs" / "operations.md"
 ALERTS: Final = {
     "PetSageGrpcNotReady",
     "PetSageGrpcCriticalCheckFailing",
@@ -72,6 +73,19 @@ def test_every_alert_has_a_severity_summary_and_runbook() -> None:
         assert rule["labels"]["severity"] in {"critical", "warning"}, rule["alert"]
         assert set(rule["annotations"]) == {"summary", "description", "runbook"}, rule["alert"]
         assert rule["annotations"]["runbook"] == f"docs/operations.md#{rule['alert'].lower()}"
+
+
+def test_every_alert_has_its_runbook_in_the_docs() -> None:
+    text = OPERATIONS.read_text(encoding="utf-8")
+    assert "\n## Alerts\n" in text
+    alerts = text.split("\n## Alerts\n", 1)[1]
+    for alert in ALERTS:
+        # The heading is the anchor the rule's runbook annotation points at.
+        section = alerts.split(f"\n### {alert}\n", 1)
+        assert len(section) == 2, f"no runbook for {alert} in {OPERATIONS}"
+        body = section[1].split("\n### ", 1)[0]
+        assert "*Summary:*" in body, alert
+        assert "*Runbook:*" in body, alert
 
 
 def test_the_prometheus_operator_rule_holds_the_same_rules() -> None:
