@@ -145,8 +145,11 @@ def test_page_loads_cleanly_and_shows_every_name(open_page: OpenPage) -> None:
     expect(page.locator("body")).to_have_attribute("data-connection", "live")
     expect(page.locator("#gone")).to_be_hidden()
     # A few polls later: still no error, and nothing but this server was asked for anything.
-    page.wait_for_function("document.querySelectorAll('.timeline span').length >= 2")
-    time.sleep(1.5)
+    polls = open_page.origin + "/status.json"
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while open_page.requests.count(polls) < 4 and time.monotonic() < deadline:
+        page.wait_for_timeout(100)  # lets Playwright deliver the page's events
+    assert open_page.requests.count(polls) >= 4
     assert open_page.console_errors == []
     assert open_page.requests
     outside = [url for url in open_page.requests if not url.startswith(open_page.origin + "/")]
