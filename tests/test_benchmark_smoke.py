@@ -80,6 +80,14 @@ def test_every_peer_was_measured(smoke: dict[str, Any]) -> None:
             assert row["delivered"] == int(size), (size, peer)
     assert set(sections["startup"]["spawn"]["summary"]) == {"stock-aio", "petsage"}
     assert set(sections["startup"]["idle"]["servers"]) >= {"stock-aio", "petsage"}
+    page = sections["status_page"]
+    assert set(page["pages"]["summary"]) == {"no status page open", "50 status pages open"}
+    assert page["pages"]["summary"]["50 status pages open"]["polls_per_second"] > 0
+    assert set(page["idle"]["servers"]) == {
+        "petsage",
+        "petsage-grpc --http-port",
+        "petsage-grpc --http-port + a check every second",
+    }
 
 
 @pytest.mark.timeout(RUN_TIMEOUT)
