@@ -7,8 +7,9 @@
 nghttp2-client, the Node packages, matplotlib) and runs the full benchmark. Sections:
 Check throughput on persistent connections (h2load), the kubelet model (a new connection
 per probe), Check latency at a fixed rate with dependency checks that hang, Watch
-fan-out, spawn to SERVING with idle RSS and CPU, and the status page (Check latency
-with 50 pages open, idle cost of --http-port). The exit code is 1 if any
+fan-out, spawn to SERVING with idle RSS and CPU, the exec probe (one ``petsage-grpc
+probe`` process against ``python -c pass``), and the status page (Check latency with 50
+pages open, idle cost of --http-port). The exit code is 1 if any
 measurement failed (the errors are listed in the JSON and the report), else 0; missed
 targets do not change it.
 """
@@ -35,6 +36,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Final
 
+from benchmarks.exec_probe import measure_exec_probe
 from benchmarks.measure import (
     FULL,
     ROOT,
@@ -57,6 +59,7 @@ SECTION_NAMES: Final = (
     "hanging_dependency",
     "watch",
     "startup",
+    "exec_probe",
     "status_page",
 )
 NOTES: Final = ROOT / "benchmarks" / "notes.md"
@@ -136,7 +139,8 @@ def machine_info() -> dict[str, str]:
 
 
 def _missing_tools() -> list[str]:
-    missing = [tool for tool in ("h2load", "nghttp", "node", "taskset") if not shutil.which(tool)]
+    tools = ("h2load", "nghttp", "node", "taskset", "openssl")
+    missing = [tool for tool in tools if not shutil.which(tool)]
     for package in ("@grpc/grpc-js", "grpc-health-check"):
         if not (ROOT / "node_modules" / package / "package.json").is_file():
             missing.append(f"node_modules/{package} (run npm ci)")
@@ -188,6 +192,13 @@ def _measure(bench: Bench, wanted: Sequence[str], log: dict[str, str]) -> dict[s
         )
     if "startup" in wanted:
         steps.append(("spawn and idle", lambda: sections.update(startup=measure_startup(bench))))
+    if "exec_probe" in wanted:
+
+        def exec_probe() -> None:
+            with bench.attempt("exec_probe"):
+                sections.update(exec_probe=measure_exec_probe(bench))
+
+        steps.append(("exec probe", exec_probe))
     if "status_page" in wanted:
         steps.append(
             (
