@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -258,3 +259,18 @@ def test_report_checks_false_hides_the_checks(
     assert document["checks"] == []
     assert sorted(n["name"] for n in document["names"]) == STANDARD_NAMES
     assert "db" not in " ".join(strings(document))
+
+
+def test_draining_shows_while_the_server_stops(start_http: Start, listener: Listener) -> None:
+    server, port = start_http(check_table("db", listener.address, **FAST), "--drain-seconds", "30")
+    status_until(port, lambda d: d["status"] == "SERVING", "the server serving")
+    server.signal(signal.SIGTERM)
+    draining = status_until(port, lambda d: d["draining"], "the drain")
+    statuses = {n["name"]: n["status"] for n in draining["names"]}
+    assert statuses["readiness"] == "NOT_SERVING"
+    assert statuses["liveness"] == "SERVING"
+    # The check itself still passes: the page tells a drain from an outage.
+    assert check(draining, "db")["state"] == "passing"
+    readiness = next(n for n in draining["names"] if n["name"] == "readiness")
+    assert readiness["transitions"][-1]["status"] == "NOT_SERVING"
+    assert request(port, "/status.json", method="HEAD").body == b""
