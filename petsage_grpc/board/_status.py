@@ -111,6 +111,43 @@ class _Watcher:
                 self.waiter = None
 
 
+class _ThreadWatcher:
+    """A Watch stream's mailbox for a handler that runs on a thread, not on an event loop.
+
+    The same single slot as :class:`_Watcher`; the reader blocks on a thread event,
+    which any thread may set.
+    """
+
+    __slots__ = ("_event", "_stopped", "latest")
+
+    loop: Final = None
+
+    def __init__(self, latest: ServingStatus) -> None:
+        self.latest: ServingStatus | _Closed = latest
+        self._event = threading.Event()
+        self._stopped = False
+
+    def wake(self) -> None:
+        """Let :meth:`next` look again. From any thread."""
+        self._event.set()
+
+    def stop(self) -> None:
+        """Make :meth:`next` return None (the call ended). From any thread."""
+        self._stopped = True
+        self._event.set()
+
+    def next(self, sent: ServingStatus | None) -> ServingStatus | None:
+        """Block until the latest status differs from *sent* and return it; None once closed."""
+        while True:
+            self._event.clear()
+            latest = self.latest
+            if self._stopped or isinstance(latest, _Closed):
+                return None
+            if latest is not sent:
+                return latest
+            self._event.wait()
+
+
 def _wake(watchers: Sequence[_Watcher]) -> None:
     """Wake *watchers*, all of the running loop.
 
@@ -154,11 +191,14 @@ class _FullCollections:
                 cls._saved = None
 
 
-def _wake_all(watchers: Iterable[_Watcher]) -> None:
-    """Wake watchers, each on its own event loop, from whichever thread this runs on."""
+def _wake_all(watchers: Iterable[_Watcher | _ThreadWatcher]) -> None:
+    """Wake watchers, each on its own event loop or thread, from whichever thread this runs on."""
     by_loop: dict[asyncio.AbstractEventLoop, list[_Watcher]] = {}
     for watcher in watchers:
-        by_loop.setdefault(watcher.loop, []).append(watcher)
+        if isinstance(watcher, _ThreadWatcher):
+            watcher.wake()
+        else:
+            by_loop.setdefault(watcher.loop, []).append(watcher)
     try:
         running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
     except RuntimeError:
@@ -175,12 +215,12 @@ class _Change(NamedTuple):
     service: str
     old: ServingStatus | None
     new: ServingStatus | None
-    watchers: tuple[_Watcher, ...]
+    watchers: tuple[_Watcher | _ThreadWatcher, ...]
 
 
 def _publish(changes: Iterable[_Change]) -> None:
     """Log each change and wake its watchers. Called after the lock is released."""
-    woken: list[_Watcher] = []
+    woken: list[_Watcher | _ThreadWatcher] = []
     for change in changes:
         old = change.old.name if change.old is not None else "SERVICE_UNKNOWN"
         new = change.new.name if change.new is not None else "SERVICE_UNKNOWN"
@@ -204,7 +244,9 @@ class StatusBoard:
     otherwise.
 
     Every method is safe to call from the event loop and from any other thread (watch
-    and subscribe from the loop whose task then waits).
+    and subscribe from the loop whose task then waits; subscribe_thread from the thread
+    that then waits). Each watcher is woken on its own loop or thread, whichever thread
+    made the change.
     Status changes are logged once each, at INFO, on the ``petsage_grpc.status`` logger.
 
     The board separates what was *set* from what is *reported*:
@@ -233,7 +275,7 @@ class StatusBoard:
         self._watches_closed = False
         # The reported statuses, kept materialised so that Check is one dict lookup.
         self._reported: dict[str, ServingStatus] = dict(self._set)
-        self._watchers: dict[str, set[_Watcher]] = {}
+        self._watchers: dict[str, set[_Watcher | _ThreadWatcher]] = {}
 
     # -- reading ------------------------------------------------------------------
 
@@ -368,8 +410,22 @@ class StatusBoard:
             self._watchers.setdefault(service, set()).add(watcher)
         return watcher
 
-    def unsubscribe(self, service: str, watcher: _Watcher) -> None:
-        """Forget a watcher that :meth:`subscribe` returned for *service*."""
+    def subscribe_thread(self, service: str) -> _ThreadWatcher | None:
+        """:meth:`subscribe` for a handler that runs on a thread of its own (a sync server's).
+
+        The watcher's ``next(sent)`` blocks the calling thread; its ``stop()`` (from any
+        thread, e.g. the call's termination callback) makes ``next`` return None. Pair
+        every call with :meth:`unsubscribe`, in a ``finally``.
+        """
+        with self._lock:
+            if self._watches_closed:
+                return None
+            watcher = _ThreadWatcher(self._reported.get(service, ServingStatus.SERVICE_UNKNOWN))
+            self._watchers.setdefault(service, set()).add(watcher)
+        return watcher
+
+    def unsubscribe(self, service: str, watcher: _Watcher | _ThreadWatcher) -> None:
+        """Forget a watcher that :meth:`subscribe` or :meth:`subscribe_thread` returned."""
         with self._lock:
             group = self._watchers.get(service)
             if group is not None:

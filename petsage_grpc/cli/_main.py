@@ -139,6 +139,7 @@ def _serve_options(values: Mapping[str, Any], config: Config) -> ServeOptions:
         grace_seconds=values["grace_seconds"],
         http_port=values["http_port"],
         probe_port=values["probe_port"],
+        loop_stall_seconds=values["loop_stall_seconds"],
         tls=tls,
         auth_token=token,
         protect_reflection=config.protect_reflection,

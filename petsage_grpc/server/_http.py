@@ -7,7 +7,8 @@ the same status board as the gRPC services, so HTTP and gRPC never disagree.
   smoke test's entry is SERVING, else 503 ``{"status": "unavailable", "message": ...}``.
 - ``GET|HEAD /livez``, ``/readyz``, ``/startupz``: 200 or 503 following ``liveness``,
   ``readiness``, ``startup``; ``?verbose`` adds one line per dependency check (names
-  only, and only for callers with the bearer token when one is configured).
+  only, and only for callers with the bearer token when one is configured), and on
+  ``/livez`` one for the event loop (its lag and stalls).
 - ``GET /metrics``: Prometheus text, when metrics are on.
 
 Built on aiohttp's low-level server so that even its answers to malformed requests
@@ -24,6 +25,7 @@ from typing import Final
 
 from aiohttp import web
 
+from petsage_grpc.board._heartbeat import LoopHeartbeat
 from petsage_grpc.board._status import (
     LIVENESS,
     READINESS,
@@ -89,10 +91,12 @@ class HttpFace:
         *,
         metrics: Metrics | None = None,
         auth: BearerToken | None = None,
+        heartbeat: LoopHeartbeat | None = None,
     ) -> None:
         self._board = board
         self._metrics = metrics
         self._auth = auth
+        self._heartbeat = heartbeat
         self._routes: dict[str, _Handler] = {SMOKE_TEST_PATH: self._smoke_test}
         for path, service in _PROBES.items():
             self._routes[path] = self._probe(service)
@@ -131,10 +135,17 @@ class HttpFace:
             if "verbose" in request.query and self._may_see_checks(request):
                 for name, ok in sorted(check_states(self._board).items()):
                     lines.append(f"[+]{name} ok" if ok else f"[-]{name} failed")
+                if service == LIVENESS and self._heartbeat is not None:
+                    lines.append(self._loop_line(self._heartbeat))
             lines.append(f"{request.path.strip('/')} {'ok' if serving else 'failed'}")
             return _plain(200 if serving else 503, "\n".join(lines) + "\n")
 
         return probe
+
+    @staticmethod
+    def _loop_line(heartbeat: LoopHeartbeat) -> str:
+        lag = f"lag {heartbeat.lag_seconds * 1000:.0f}ms, {heartbeat.stalls} stall(s)"
+        return f"[-]event-loop stalled: {lag}" if heartbeat.stalled else f"[+]event-loop ok: {lag}"
 
     def _may_see_checks(self, request: web.BaseRequest) -> bool:
         if self._auth is None:
