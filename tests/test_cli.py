@@ -135,6 +135,18 @@ def assert_one_line_naming(run: CliRun, *words: str) -> None:
             id="nan-grace",
         ),
         pytest.param(
+            ["--host", "127.0.0.1", "--port", "{port}", "--loop-stall-seconds", "0"],
+            {},
+            ["--loop-stall-seconds", "at least 0.5s"],
+            id="stall-zero",
+        ),
+        pytest.param(
+            ["--host", "127.0.0.1", "--port", "{port}"],
+            {"PETSAGE_GRPC_LOOP_STALL_SECONDS": "soon"},
+            ["PETSAGE_GRPC_LOOP_STALL_SECONDS", "soon"],
+            id="env-stall",
+        ),
+        pytest.param(
             ["--host", "127.0.0.1", "--port", "{port}", "--log-level", "loud"],
             {},
             ["--log-level", "loud"],
