@@ -34,6 +34,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Final
 
+from benchmarks import busy
 from benchmarks.measure import (
     FULL,
     ROOT,
@@ -49,7 +50,15 @@ from benchmarks.measure import (
 from benchmarks.procs import Processes, cpu_sets
 from benchmarks.report import evaluate_targets, markdown_table, tables, write_markdown, write_plot
 
-SECTION_NAMES: Final = ("throughput", "kubelet", "hanging_dependency", "watch", "startup")
+SECTION_NAMES: Final = (
+    "throughput",
+    "kubelet",
+    "hanging_dependency",
+    "watch",
+    "startup",
+    "busy_backend",
+    "wedge",
+)
 NOTES: Final = ROOT / "benchmarks" / "notes.md"
 FULL_COMMAND: Final = "scripts/benchmark   # = .venv/bin/python -m benchmarks.run, after setting up"
 SMOKE_COMMAND: Final = ".venv/bin/python -m benchmarks.run --smoke"
@@ -157,9 +166,12 @@ def _load_average() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
-def _measure(bench: Bench, wanted: Sequence[str], log: dict[str, str]) -> dict[str, Any]:
+def _measure(
+    bench: Bench, wanted: Sequence[str], log: dict[str, str], *, smoke: bool
+) -> dict[str, Any]:
     """Run the wanted sections; note the load average and duration of each in *log*."""
     sections: dict[str, Any] = {}
+    busy_config = busy.SMOKE if smoke else busy.FULL
     steps: list[tuple[str, Callable[[], None]]] = []
     if {"throughput", "kubelet"} & set(wanted):
         steps.append(
@@ -179,6 +191,17 @@ def _measure(bench: Bench, wanted: Sequence[str], log: dict[str, str]) -> dict[s
         )
     if "startup" in wanted:
         steps.append(("spawn and idle", lambda: sections.update(startup=measure_startup(bench))))
+    if "busy_backend" in wanted:
+        steps.append(
+            (
+                "busy backend",
+                lambda: sections.update(busy_backend=busy.measure_busy(bench, busy_config)),
+            )
+        )
+    if "wedge" in wanted:
+        steps.append(
+            ("wedge", lambda: sections.update(wedge=busy.measure_wedge(bench, busy_config)))
+        )
     for name, step in steps:
         print(f"{name} (load average {_load_average()})", file=sys.stderr, flush=True)
         started = time.perf_counter()
@@ -265,7 +288,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="petsage-bench-") as scratch:
         bench = Bench(config, procs, Path(scratch))
         try:
-            results["sections"] = _measure(bench, args.sections, results["meta"]["sections"])
+            results["sections"] = _measure(
+                bench, args.sections, results["meta"]["sections"], smoke=args.smoke
+            )
         finally:
             procs.stop_all()
             bench.close()
