@@ -104,9 +104,11 @@ class LoopHeartbeat:
             target=self._watch, name="petsage-grpc-watchdog", daemon=True
         )
         self._thread.start()
+        self._board.measure_loop_lag(lambda: self.lag_seconds)
 
     async def stop(self) -> None:
         """Stop both; ``liveness`` keeps whatever it reports."""
+        self._board.measure_loop_lag(None)
         self._stopping.set()
         task, self._task = self._task, None
         if task is not None:

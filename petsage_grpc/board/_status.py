@@ -13,7 +13,7 @@ import enum
 import gc
 import logging
 import threading
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Final, NamedTuple
 
 __all__ = [
@@ -276,6 +276,7 @@ class StatusBoard:
         # The reported statuses, kept materialised so that Check is one dict lookup.
         self._reported: dict[str, ServingStatus] = dict(self._set)
         self._watchers: dict[str, set[_Watcher | _ThreadWatcher]] = {}
+        self._loop_lag: Callable[[], float] | None = None
 
     # -- reading ------------------------------------------------------------------
 
@@ -291,6 +292,16 @@ class StatusBoard:
     def __len__(self) -> int:
         """Return how many service names the board knows."""
         return len(self._reported)
+
+    @property
+    def loop_lag_seconds(self) -> float | None:
+        """How late the event loop runs now, as a running loop heartbeat measures it; or None."""
+        source = self._loop_lag
+        return None if source is None else source()
+
+    def measure_loop_lag(self, source: Callable[[], float] | None) -> None:
+        """Report *source()* as :attr:`loop_lag_seconds` (None: no heartbeat runs)."""
+        self._loop_lag = source
 
     @property
     def draining(self) -> bool:
