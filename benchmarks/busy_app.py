@@ -3,6 +3,7 @@
     python -m benchmarks.busy_app --health petsage --app generic [--probe-listener]
 
 The application's ``petsage.bench.v1.Busy/Work`` burns ``--work-ms`` of CPU per call
+(or as many milliseconds as its request says, in digits)
 (JSON, validation, templating: ordinary Python work, here a loop on the clock);
 ``Busy/Block`` blocks the event loop in ``time.sleep`` for the seconds its request holds
 (as text), as a wedged backend would. ``--app generic`` registers them as a generic
@@ -40,7 +41,8 @@ def _burn(seconds: float) -> None:
 
 def _handlers(work_seconds: float) -> dict[str, grpc.RpcMethodHandler[bytes, bytes]]:
     async def work(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
-        _burn(work_seconds)
+        # A request that is a number of milliseconds burns that long instead.
+        _burn(float(request) / 1000 if request.isdigit() else work_seconds)
         return request
 
     async def block(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
@@ -74,7 +76,11 @@ async def _main(args: argparse.Namespace) -> int:
         board = petsage_grpc.add_to_server(server)
         if args.probe_listener:
             listener = petsage_grpc.ProbeListener(
-                board, host="127.0.0.1", port=0, stall_seconds=args.stall_seconds
+                board,
+                host="127.0.0.1",
+                port=0,
+                stall_seconds=args.stall_seconds,
+                shed_lag_seconds=args.shed_lag_seconds,
             )
     port = server.add_insecure_port("127.0.0.1:0")
     if listener is not None:
@@ -105,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--app", choices=("generic", "stub"), default="generic")
     parser.add_argument("--probe-listener", action="store_true")
     parser.add_argument("--stall-seconds", type=float, default=3.0)
+    parser.add_argument("--shed-lag-seconds", type=float)
     parser.add_argument("--work-ms", type=float, default=20.0)
     return asyncio.run(_main(parser.parse_args(argv)))
 

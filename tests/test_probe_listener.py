@@ -191,6 +191,34 @@ def test_a_busy_loop_is_not_a_stall(start_backend: Callable[..., Backend]) -> No
     assert figures["max_lag_seconds"] > 0  # the heartbeat did see the loop run late
 
 
+def test_readiness_follows_loop_lag_when_asked(start_backend: Callable[..., Backend]) -> None:
+    backend = start_backend("--stall-seconds", "30", "--shed-lag-seconds", "0.05")
+    stop_load = threading.Event()
+
+    def caller() -> None:
+        while not stop_load.is_set():
+            backend.call("Work", b"400", 120.0)
+
+    with grpc.insecure_channel(f"127.0.0.1:{backend.probe_port}") as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service="readiness"), timeout=120
+        )
+        seen = [ServingStatus(next(watch).status)]
+        with ThreadPoolExecutor(2) as pool:
+            # Calls that hold the loop for 400 ms each: its timers run up to 0.4 s late.
+            # (Many short calls do not: grpc.aio queues them, and the loop keeps turning.)
+            callers = [pool.submit(caller) for _ in range(2)]
+            seen.append(ServingStatus(next(watch).status))
+            assert liveness(backend.probe_port) is ServingStatus.SERVING  # busy, not wedged
+            stop_load.set()
+            for each in callers:
+                each.result()
+        seen.append(ServingStatus(next(watch).status))  # after 5 prompt beats in a row
+        watch.cancel()
+    assert seen == [ServingStatus.SERVING, ServingStatus.NOT_SERVING, ServingStatus.SERVING]
+    assert liveness(backend.probe_port) is ServingStatus.SERVING
+
+
 def test_standalone_probe_port_drains_with_the_main_port_and_stops_last(
     spawn_server: SpawnServer,
 ) -> None:

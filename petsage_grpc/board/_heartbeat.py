@@ -35,6 +35,10 @@ _MAX_BEAT_SECONDS: Final = 1.0
 """The heartbeat's period at most: one wake a second on an idle loop."""
 _MAX_WATCH_SECONDS: Final = 0.5
 """The watchdog's period at most, so a loop that runs again is SERVING within a second."""
+_SHED_AFTER_BEATS: Final = 3
+"""Beats in a row at least *shed_lag_seconds* late before readiness turns NOT_SERVING ..."""
+_RECOVER_AFTER_BEATS: Final = 5
+"""... and beats in a row under half of it before it is reported as set again."""
 
 
 class LoopHeartbeat:
@@ -45,16 +49,37 @@ class LoopHeartbeat:
     ``liveness`` NOT_SERVING (if it was SERVING); when the loop beats again, SERVING
     again, and the stall is logged once, with how long it lasted. A status someone else
     set in the meantime is left alone.
+
+    With *shed_lag_seconds* (off by default), readiness follows the loop's lag too: after
+    3 beats in a row at least that late, the board sheds load (``readiness`` and ``""``
+    report NOT_SERVING, :meth:`StatusBoard.shed_load`); after 5 beats in a row under half
+    of it, they report what was set again. The gap between the two keeps it from flapping.
     """
 
-    def __init__(self, board: StatusBoard, *, stall_seconds: float = DEFAULT_STALL_SECONDS) -> None:
-        """Watch for stalls longer than *stall_seconds*.
+    def __init__(
+        self,
+        board: StatusBoard,
+        *,
+        stall_seconds: float = DEFAULT_STALL_SECONDS,
+        shed_lag_seconds: float | None = None,
+    ) -> None:
+        """Watch for stalls longer than *stall_seconds*, and (optionally) shed load on lag.
 
         Raises:
-            ValueError: *stall_seconds* is not a positive, finite number of seconds.
+            ValueError: *stall_seconds* or *shed_lag_seconds* is not a positive, finite
+                number of seconds.
         """
         if not (math.isfinite(stall_seconds) and stall_seconds > 0):
             raise ValueError(f"stall_seconds must be greater than zero, not {stall_seconds!r}")
+        if shed_lag_seconds is not None and not (
+            math.isfinite(shed_lag_seconds) and shed_lag_seconds > 0
+        ):
+            raise ValueError(
+                f"shed_lag_seconds must be greater than zero, not {shed_lag_seconds!r}"
+            )
+        self.shed_lag_seconds = shed_lag_seconds
+        self._late_beats = 0
+        self._prompt_beats = 0
         self._board = board
         self.stall_seconds = stall_seconds
         self._beat_seconds = min(_MAX_BEAT_SECONDS, stall_seconds / 4)
@@ -110,6 +135,7 @@ class LoopHeartbeat:
         """Stop both; ``liveness`` keeps whatever it reports."""
         self._board.measure_loop_lag(None)
         self._stopping.set()
+        self._board.shed_load(False)
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -125,7 +151,21 @@ class LoopHeartbeat:
             now = time.monotonic()
             self._last_lag = max(0.0, now - self._next_beat)
             self._max_lag = max(self._max_lag, self._last_lag)
+            if self.shed_lag_seconds is not None:
+                self._follow_load(self._last_lag, self.shed_lag_seconds)
             self._next_beat = now + self._beat_seconds
+
+    def _follow_load(self, lag: float, limit: float) -> None:
+        if lag >= limit:
+            self._late_beats, self._prompt_beats = self._late_beats + 1, 0
+        elif lag < limit / 2:
+            self._late_beats, self._prompt_beats = 0, self._prompt_beats + 1
+        else:  # between the two: neither way
+            self._late_beats = self._prompt_beats = 0
+        if not self._board.shedding and self._late_beats >= _SHED_AFTER_BEATS:
+            self._board.shed_load(True)
+        elif self._board.shedding and self._prompt_beats >= _RECOVER_AFTER_BEATS:
+            self._board.shed_load(False)
 
     def _watch(self) -> None:
         while not self._stopping.wait(self._watch_seconds):

@@ -42,6 +42,8 @@ SMOKE_TEST_SERVICE: Final = "petsage.v1.SmokeTestService"
 # Names whose status survives drain(): a pod that is shutting down cleanly must not be
 # restarted by its liveness probe.
 _KEPT_WHILE_DRAINING: Final = frozenset({LIVENESS, STARTUP})
+# Names that shed_load() reports NOT_SERVING: the ones that mean "send me traffic".
+_SHED_WHILE_OVERLOADED: Final = frozenset({OVERALL, READINESS})
 
 
 class ServingStatus(enum.IntEnum):
@@ -272,6 +274,7 @@ class StatusBoard:
             self._set[service] = _settable(status)
         self._draining = False
         self._shut_down = False
+        self._shedding = False
         self._watches_closed = False
         # The reported statuses, kept materialised so that Check is one dict lookup.
         self._reported: dict[str, ServingStatus] = dict(self._set)
@@ -345,6 +348,33 @@ class StatusBoard:
         """Report every name as NOT_SERVING until :meth:`resume`; later sets are only remembered."""
         self._change_mode(draining=self._draining, shut_down=True, reason="shut down")
 
+    @property
+    def shedding(self) -> bool:
+        """Whether :meth:`shed_load` is in force."""
+        return self._shedding
+
+    def shed_load(self, shedding: bool) -> None:
+        """While *shedding*, report ``readiness`` and ``""`` as NOT_SERVING; then what was set.
+
+        For an overloaded process: readiness probes and load balancers move traffic to
+        other replicas, while every other name (``liveness`` among them) is unchanged.
+        Independent of :meth:`drain` and :meth:`shutdown`.
+        """
+        with self._lock:
+            if shedding == self._shedding:
+                return
+            self._shedding = shedding
+            changes = self._apply(
+                {
+                    n: self._reportable(n, s)
+                    for n, s in self._set.items()
+                    if n in _SHED_WHILE_OVERLOADED
+                }
+            )
+        reason = "shedding load" if shedding else "no longer shedding load"
+        _log.info("status board %s", reason, extra={"event": reason.replace(" ", "_")})
+        _publish(changes)
+
     def resume(self) -> None:
         """Leave drain and shutdown: report the statuses that were set, and allow Watch again."""
         with self._lock:
@@ -362,6 +392,8 @@ class StatusBoard:
 
     def _reportable(self, service: str, status: ServingStatus) -> ServingStatus:
         if self._shut_down or (self._draining and service not in _KEPT_WHILE_DRAINING):
+            return ServingStatus.NOT_SERVING
+        if self._shedding and service in _SHED_WHILE_OVERLOADED:
             return ServingStatus.NOT_SERVING
         return status
 

@@ -81,6 +81,8 @@ class ServeOptions:
     """Also serve Health's Check and Watch, in plaintext, from a thread of their own; None: off."""
     loop_stall_seconds: float = DEFAULT_STALL_SECONDS
     """``liveness`` reports NOT_SERVING while the event loop has not run for this long."""
+    shed_lag_seconds: float | None = None
+    """Readiness also follows the event loop's lag above this (with hysteresis); None: off."""
     tls: TlsFiles | None = None
     """Serve TLS (mTLS with a client CA) on the main port; None: plaintext."""
     auth_token: str | None = field(default=None, repr=False)
@@ -188,12 +190,17 @@ async def _assemble(options: ServeOptions, board: StatusBoard) -> _Assembly:
             host=options.host,
             port=options.probe_port,
             stall_seconds=options.loop_stall_seconds,
+            shed_lag_seconds=options.shed_lag_seconds,
             max_service_name_length=options.limits.max_service_name_length,
         )
         heartbeat = probe.heartbeat
     elif options.http_port is not None:
         # For the loop-lag metric and /livez?verbose; a server without either runs no timer.
-        heartbeat = LoopHeartbeat(board, stall_seconds=options.loop_stall_seconds)
+        heartbeat = LoopHeartbeat(
+            board,
+            stall_seconds=options.loop_stall_seconds,
+            shed_lag_seconds=options.shed_lag_seconds,
+        )
     metrics = http = None
     if options.http_port is not None:
         # aiohttp and prometheus-client cost a quarter of a second to import and memory

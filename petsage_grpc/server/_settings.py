@@ -48,6 +48,13 @@ def _stall_seconds(value: object) -> float:
     return seconds
 
 
+def _lag_seconds(value: object) -> float:
+    seconds = _seconds(value)
+    if seconds <= 0:
+        raise ValueError(f"must be greater than zero, not {value!r}")
+    return seconds
+
+
 def _choice(*choices: str) -> Callable[[object], str]:
     def convert(value: object) -> str:
         text = str(value).lower()
@@ -141,6 +148,14 @@ SERVER_SETTINGS: Final = (
         "report liveness NOT_SERVING on the probe port while the event loop has not run for "
         "this long, SERVING again once it runs (default: 10, one kubelet probe period; "
         "at least 0.5)",
+    ),
+    Setting(
+        "shed_lag_seconds",
+        _lag_seconds,
+        None,
+        "also report readiness NOT_SERVING while the event loop runs this late (3 beats in a "
+        "row, about 3 s), until it runs under half of it (5 beats in a row); needs "
+        "--probe-port or --http-port (default: off)",
     ),
     Setting(
         "auth_token_file",

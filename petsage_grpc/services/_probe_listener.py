@@ -129,6 +129,7 @@ class ProbeListener:
         port: int,
         host: str = "",
         stall_seconds: float | None = DEFAULT_STALL_SECONDS,
+        shed_lag_seconds: float | None = None,
         max_watch_streams: int = 8,
         max_service_name_length: int = 256,
     ) -> None:
@@ -141,6 +142,9 @@ class ProbeListener:
             stall_seconds: ``liveness`` reports NOT_SERVING once the event loop that
                 :meth:`start` runs on has not run for this long; None: no heartbeat, and
                 ``liveness`` is left to the application.
+            shed_lag_seconds: With the heartbeat, ``readiness`` and ``""`` also report
+                NOT_SERVING while the loop runs this late (3 beats in a row), until it
+                runs under half of it (5 beats in a row); None (the default): off.
             max_watch_streams: Open Watch streams on this port, at most.
             max_service_name_length: Longer names are refused with INVALID_ARGUMENT.
 
@@ -159,7 +163,11 @@ class ProbeListener:
         )
         self._threads = max_watch_streams + _CHECK_THREADS
         self.heartbeat = (
-            None if stall_seconds is None else LoopHeartbeat(board, stall_seconds=stall_seconds)
+            None
+            if stall_seconds is None
+            else LoopHeartbeat(
+                board, stall_seconds=stall_seconds, shed_lag_seconds=shed_lag_seconds
+            )
         )
         """The loop's heartbeat (its lag and stalls), or None without *stall_seconds*."""
         self._server: grpc.Server | None = None
