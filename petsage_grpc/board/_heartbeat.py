@@ -33,8 +33,8 @@ restarted 30-40 s after it stopped, and a busy one never.
 """
 _MAX_BEAT_SECONDS: Final = 1.0
 """The heartbeat's period at most: one wake a second on an idle loop."""
-_MAX_WATCH_SECONDS: Final = 0.5
-"""The watchdog's period at most, so a loop that runs again is SERVING within a second."""
+_WAKE_MARGIN_SECONDS: Final = 0.01
+"""The watchdog wakes this long after the loop would be overdue, not before."""
 _SHED_AFTER_BEATS: Final = 3
 """Beats in a row at least *shed_lag_seconds* late before readiness turns NOT_SERVING ..."""
 _RECOVER_AFTER_BEATS: Final = 5
@@ -45,7 +45,7 @@ class LoopHeartbeat:
     """Measures how late the application's event loop runs, and turns a stall into liveness.
 
     :meth:`start` (on the loop to watch) starts a heartbeat task there and a watchdog
-    thread. When the heartbeat is more than *stall_seconds* overdue, the watchdog sets
+    thread. When the loop has not beaten for more than *stall_seconds*, the watchdog sets
     ``liveness`` NOT_SERVING (if it was SERVING); when the loop beats again, SERVING
     again, and the stall is logged once, with how long it lasted. A status someone else
     set in the meantime is left alone.
@@ -83,7 +83,6 @@ class LoopHeartbeat:
         self._board = board
         self.stall_seconds = stall_seconds
         self._beat_seconds = min(_MAX_BEAT_SECONDS, stall_seconds / 4)
-        self._watch_seconds = min(_MAX_WATCH_SECONDS, stall_seconds / 4)
         self._next_beat = time.monotonic()  # when the loop is next due to beat
         self._last_lag = 0.0
         self._max_lag = 0.0
@@ -92,7 +91,9 @@ class LoopHeartbeat:
         self._flipped = False
         self._task: asyncio.Task[None] | None = None
         self._thread: threading.Thread | None = None
-        self._stopping = threading.Event()
+        self._stopping = False
+        # Set by a beat while a stall is judged (the loop runs again), and by stop().
+        self._beaten = threading.Event()
 
     @property
     def lag_seconds(self) -> float:
@@ -124,7 +125,8 @@ class LoopHeartbeat:
             raise RuntimeError("the heartbeat is started already")
         self._next_beat = time.monotonic() + self._beat_seconds
         self._task = asyncio.get_running_loop().create_task(self._beat())
-        self._stopping.clear()
+        self._stopping = False
+        self._beaten.clear()
         self._thread = threading.Thread(
             target=self._watch, name="petsage-grpc-watchdog", daemon=True
         )
@@ -134,7 +136,8 @@ class LoopHeartbeat:
     async def stop(self) -> None:
         """Stop both; ``liveness`` keeps whatever it reports."""
         self._board.measure_loop_lag(None)
-        self._stopping.set()
+        self._stopping = True
+        self._beaten.set()
         self._board.shed_load(False)
         task, self._task = self._task, None
         if task is not None:
@@ -151,9 +154,11 @@ class LoopHeartbeat:
             now = time.monotonic()
             self._last_lag = max(0.0, now - self._next_beat)
             self._max_lag = max(self._max_lag, self._last_lag)
+            self._next_beat = now + self._beat_seconds
+            if self._stalled_since is not None:
+                self._beaten.set()  # the watchdog is waiting for this beat
             if self.shed_lag_seconds is not None:
                 self._follow_load(self._last_lag, self.shed_lag_seconds)
-            self._next_beat = now + self._beat_seconds
 
     def _follow_load(self, lag: float, limit: float) -> None:
         if lag >= limit:
@@ -168,22 +173,34 @@ class LoopHeartbeat:
             self._board.shed_load(False)
 
     def _watch(self) -> None:
-        while not self._stopping.wait(self._watch_seconds):
-            self._judge()
+        # Wakes only when the loop would be overdue, or (while stalled) when it beats again:
+        # once per stall_seconds on a healthy loop, not on a timer of its own.
+        while not self._stopping:
+            if self._stalled_since is None:
+                due = self._next_beat - self._beat_seconds + self.stall_seconds - time.monotonic()
+                self._beaten.wait(max(due, 0.0) + _WAKE_MARGIN_SECONDS)
+            else:
+                self._beaten.wait()
+            self._beaten.clear()
+            if not self._stopping:
+                self._judge()
 
     def _judge(self) -> None:
-        overdue = time.monotonic() - self._next_beat
+        # Silence since the loop last proved it ran: its last beat. The beat period counts
+        # in, so a stall is seen at most stall_seconds after the loop stopped.
+        last_beat = self._next_beat - self._beat_seconds
+        silent = time.monotonic() - last_beat
         if self._stalled_since is None:
-            if overdue > self.stall_seconds:
-                self._stalled_since = self._next_beat
+            if silent > self.stall_seconds:
+                self._stalled_since = last_beat
                 self._stalls += 1
                 if self._board.get(LIVENESS) is ServingStatus.SERVING:
                     self._flipped = True
                     self._board.set(LIVENESS, ServingStatus.NOT_SERVING)
             return
-        if overdue <= self.stall_seconds:
-            # The loop has beaten since: _next_beat moved on.
-            lasted = self._next_beat - self._beat_seconds - self._stalled_since
+        if last_beat > self._stalled_since:
+            # The loop has beaten since: from one beat to the next, it did not run.
+            lasted = last_beat - self._stalled_since
             self._stalled_since = None
             if self._flipped and self._board.get(LIVENESS) is ServingStatus.NOT_SERVING:
                 self._board.set(LIVENESS, ServingStatus.SERVING)
