@@ -138,7 +138,8 @@ class LoopHeartbeat:
         self._board.measure_loop_lag(None)
         self._stopping = True
         self._beaten.set()
-        self._board.shed_load(False)
+        if self.shed_lag_seconds is not None:
+            self._board.shed_load(False)  # what it shed, it gives back
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
