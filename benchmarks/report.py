@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -156,7 +156,46 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     )
     for name, shown, met in busy_targets(sections):
         add(name, shown, met)
+    _exec_probe_targets(_get(sections, "exec_probe") or {}, add, check)
     return targets
+
+
+EXEC_PROBE_CPU_RATIO: Final = 4.0
+EXEC_PROBE_WALL_RATIO: Final = 4.5
+EXEC_PROBE_RSS_MIB: Final = 20.0
+EXEC_PROBE_TLS_RATIO: Final = 1.3
+
+
+def _exec_probe_targets(
+    section: dict[str, Any],
+    add: Callable[[str, str, bool | None], None],
+    check: Callable[[float, bool], bool | None],
+) -> None:
+    summary = section.get("summary", {})
+    for metric, limit, what in (
+        ("cpu_ms", EXEC_PROBE_CPU_RATIO, "CPU"),
+        ("wall_ms", EXEC_PROBE_WALL_RATIO, "wall time"),
+    ):
+        value = _num(_get(summary, "probe", f"{metric}_ratio"))
+        add(
+            f"exec probe {what} ≤ {limit:g}{TIMES} `python -c pass` (plaintext)",
+            fmt_ratio(value),
+            check(value, value <= limit),
+        )
+    for name, what in (("probe", "plaintext"), ("probe TLS", "TLS")):
+        rss = _num(_get(summary, name, "peak_rss_mib"))
+        add(
+            f"exec probe peak RSS ≤ {EXEC_PROBE_RSS_MIB:g} MiB ({what})",
+            f"{fmt(rss, 1)} MiB",
+            check(rss, rss <= EXEC_PROBE_RSS_MIB),
+        )
+    tls = section.get("tls_vs_plaintext", {})
+    worst = max(_num(tls.get("wall_ms_ratio")), _num(tls.get("cpu_ms_ratio")))
+    add(
+        f"exec probe over TLS ≤ {EXEC_PROBE_TLS_RATIO:g}{TIMES} plaintext (wall and CPU)",
+        fmt_ratio(worst),
+        check(worst, worst <= EXEC_PROBE_TLS_RATIO),
+    )
 
 
 def _peer_table(
@@ -321,6 +360,24 @@ def tables(results: dict[str, Any]) -> list[Table]:
             )
         )
     out.extend(busy_tables(sections))
+    exec_probe = _get(sections, "exec_probe")
+    if exec_probe:
+        table = _peer_table(
+            "Exec probe, one process per Check (median of "
+            f"{len(exec_probe.get('rounds', []))} alternating runs)",
+            exec_probe,
+            [
+                ("wall ms", "wall_ms", 1),
+                ("CPU ms", "cpu_ms", 1),
+                ("peak RSS MiB", "peak_rss_mib", 1),
+            ],
+            "cpu_ms",
+        )
+        title, header, rows = table
+        header.insert(-1, "wall_ms vs baseline")
+        for row, name in zip(rows, exec_probe["summary"], strict=True):
+            row.insert(-1, fmt_ratio(_num(exec_probe["summary"][name].get("wall_ms_ratio"))))
+        out.append((title, header, rows))
     return out
 
 

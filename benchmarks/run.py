@@ -7,7 +7,8 @@
 nghttp2-client, the Node packages, matplotlib) and runs the full benchmark. Sections:
 Check throughput on persistent connections (h2load), the kubelet model (a new connection
 per probe), Check latency at a fixed rate with dependency checks that hang, Watch
-fan-out, and spawn to SERVING with idle RSS and CPU. The exit code is 1 if any
+fan-out, spawn to SERVING with idle RSS and CPU, and the exec probe (one ``petsage-grpc
+probe`` process against ``python -c pass``). The exit code is 1 if any
 measurement failed (the errors are listed in the JSON and the report), else 0; missed
 targets do not change it.
 """
@@ -35,6 +36,7 @@ from types import FrameType
 from typing import Any, Final
 
 from benchmarks import busy
+from benchmarks.exec_probe import measure_exec_probe
 from benchmarks.measure import (
     FULL,
     ROOT,
@@ -58,6 +60,7 @@ SECTION_NAMES: Final = (
     "startup",
     "busy_backend",
     "wedge",
+    "exec_probe",
 )
 NOTES: Final = ROOT / "benchmarks" / "notes.md"
 FULL_COMMAND: Final = "scripts/benchmark   # = .venv/bin/python -m benchmarks.run, after setting up"
@@ -136,7 +139,8 @@ def machine_info() -> dict[str, str]:
 
 
 def _missing_tools() -> list[str]:
-    missing = [tool for tool in ("h2load", "nghttp", "node", "taskset") if not shutil.which(tool)]
+    tools = ("h2load", "nghttp", "node", "taskset", "openssl")
+    missing = [tool for tool in tools if not shutil.which(tool)]
     for package in ("@grpc/grpc-js", "grpc-health-check"):
         if not (ROOT / "node_modules" / package / "package.json").is_file():
             missing.append(f"node_modules/{package} (run npm ci)")
@@ -202,6 +206,13 @@ def _measure(
         steps.append(
             ("wedge", lambda: sections.update(wedge=busy.measure_wedge(bench, busy_config)))
         )
+    if "exec_probe" in wanted:
+
+        def exec_probe() -> None:
+            with bench.attempt("exec_probe"):
+                sections.update(exec_probe=measure_exec_probe(bench))
+
+        steps.append(("exec probe", exec_probe))
     for name, step in steps:
         print(f"{name} (load average {_load_average()})", file=sys.stderr, flush=True)
         started = time.perf_counter()

@@ -24,14 +24,17 @@ SECTIONS = (
     "startup",
     "busy_backend",
     "wedge",
+    "exec_probe",
 )
+EXEC_PROBE_COMMANDS = {"python -c pass", "probe", "probe TLS", "grpcio client"}
 CHECK_PEERS = {"bare-aio", "petsage", "stock-aio", "stock-sync", "grpc-js"}
 WATCH_PEERS = {"bare-stream", "petsage-embedded", "stock-aio"}
 RUN_TIMEOUT = 240
 
 
 def _missing_tools() -> list[str]:
-    missing = [tool for tool in ("h2load", "nghttp", "node", "taskset") if not shutil.which(tool)]
+    tools = ("h2load", "nghttp", "node", "taskset", "openssl")
+    missing = [tool for tool in tools if not shutil.which(tool)]
     for package in ("@grpc/grpc-js", "grpc-health-check"):
         if not (ROOT / "node_modules" / package / "package.json").is_file():
             missing.append(f"node_modules/{package}")
@@ -102,6 +105,13 @@ def test_every_peer_was_measured(smoke: dict[str, Any]) -> None:
         assert run["heartbeat_stalls"] >= 1, run
         assert run["not_serving_after_s"] > 0, run
         assert run["serving_again_after_s"] >= 0, run
+    exec_probe = sections["exec_probe"]["summary"]
+    assert set(exec_probe) == EXEC_PROBE_COMMANDS
+    for command, row in exec_probe.items():
+        assert row["rounds"] >= 1, command
+        assert row["cpu_ms"] > 0, command
+        assert row["peak_rss_mib"] > 0, command
+    assert sections["exec_probe"]["tls_vs_plaintext"]["wall_ms_ratio"] > 0
 
 
 @pytest.mark.timeout(RUN_TIMEOUT)

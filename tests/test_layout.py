@@ -25,7 +25,7 @@ SKIPPED: Final = f"{PACKAGE}._generated"
 # Each part may import the parts after it, never those before it.
 LAYERS: Final = ("cli", "server", "services", "board")
 # The command-line clients: an exec probe must start without the server.
-CLIENTS: Final = ("cli._probe", "cli._client", "cli._tls_relay")
+CLIENTS: Final = ("cli._probe", "cli._h2_unary", "cli._client", "cli._tls_relay")
 LEAVES: Final = ("_durations",)
 
 
