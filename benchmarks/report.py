@@ -7,6 +7,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
+from benchmarks.busy import tables as busy_tables
+from benchmarks.busy import targets as busy_targets
 from benchmarks.measure import LABELS, med, ratio
 from benchmarks.status_page import HTTP, WITH_PAGES
 
@@ -153,6 +155,8 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         f"{fmt(ours, 2)} s vs {fmt(stock, 2)} s CPU in {fmt(seconds, 0)} s",
         check(ours + stock, ours <= stock + IDLE_CPU_SLACK_SECONDS),
     )
+    for name, shown, met in busy_targets(sections):
+        add(name, shown, met)
     _exec_probe_targets(_get(sections, "exec_probe") or {}, add, check)
     _status_page_targets(sections, add, check)
     return targets
@@ -387,6 +391,7 @@ def tables(results: dict[str, Any]) -> list[Table]:
                 rows,
             )
         )
+    out.extend(busy_tables(sections))
     exec_probe = _get(sections, "exec_probe")
     if exec_probe:
         table = _peer_table(

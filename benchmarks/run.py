@@ -36,6 +36,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Final
 
+from benchmarks import busy
 from benchmarks.exec_probe import measure_exec_probe
 from benchmarks.measure import (
     FULL,
@@ -59,6 +60,8 @@ SECTION_NAMES: Final = (
     "hanging_dependency",
     "watch",
     "startup",
+    "busy_backend",
+    "wedge",
     "exec_probe",
     "status_page",
 )
@@ -170,9 +173,12 @@ def _load_average() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
-def _measure(bench: Bench, wanted: Sequence[str], log: dict[str, str]) -> dict[str, Any]:
+def _measure(
+    bench: Bench, wanted: Sequence[str], log: dict[str, str], *, smoke: bool
+) -> dict[str, Any]:
     """Run the wanted sections; note the load average and duration of each in *log*."""
     sections: dict[str, Any] = {}
+    busy_config = busy.SMOKE if smoke else busy.FULL
     steps: list[tuple[str, Callable[[], None]]] = []
     if {"throughput", "kubelet"} & set(wanted):
         steps.append(
@@ -192,6 +198,17 @@ def _measure(bench: Bench, wanted: Sequence[str], log: dict[str, str]) -> dict[s
         )
     if "startup" in wanted:
         steps.append(("spawn and idle", lambda: sections.update(startup=measure_startup(bench))))
+    if "busy_backend" in wanted:
+        steps.append(
+            (
+                "busy backend",
+                lambda: sections.update(busy_backend=busy.measure_busy(bench, busy_config)),
+            )
+        )
+    if "wedge" in wanted:
+        steps.append(
+            ("wedge", lambda: sections.update(wedge=busy.measure_wedge(bench, busy_config)))
+        )
     if "exec_probe" in wanted:
 
         def exec_probe() -> None:
@@ -292,7 +309,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="petsage-bench-") as scratch:
         bench = Bench(config, procs, Path(scratch))
         try:
-            results["sections"] = _measure(bench, args.sections, results["meta"]["sections"])
+            results["sections"] = _measure(
+                bench, args.sections, results["meta"]["sections"], smoke=args.smoke
+            )
         finally:
             procs.stop_all()
             bench.close()

@@ -43,6 +43,8 @@ def _generate(out: Path) -> None:
         raise SystemExit("protoc failed")
     pattern = re.compile(r"^from (petsage(?:\.\w+)*) import ", re.MULTILINE)
     for path in out.rglob("*.py*"):
+        if not path.name.endswith(GENERATED_SUFFIXES):
+            continue  # e.g. __pycache__/*.pyc once the stubs have been imported
         text = path.read_text()
         fixed = pattern.sub(lambda m: f"from {PACKAGE}.{m.group(1)} import ", text)
         path.write_text(fixed)

@@ -152,6 +152,15 @@ def test_alerting_gauges_and_status_changes(served: Served) -> None:
     assert value(samples, changes, check="down") == 0.0
 
 
+def test_event_loop_lag_and_stalls(served: Served) -> None:
+    samples = scrape(served.metrics_port)
+    lag = value(samples, "petsage_grpc_event_loop_lag_seconds")
+    assert lag is not None
+    assert lag >= 0
+    # A counter: exposed with _total, as Prometheus expects.
+    assert value(samples, "petsage_grpc_event_loop_stalls_total") == 0.0
+
+
 def test_rpcs_are_counted_by_method_and_code(
     served: Served, health: health_pb2_grpc.HealthStub
 ) -> None:
