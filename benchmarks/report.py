@@ -7,7 +7,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
+from benchmarks.busy import tables as busy_tables
+from benchmarks.busy import targets as busy_targets
 from benchmarks.measure import LABELS, med, ratio
+from benchmarks.status_page import HTTP, WITH_PAGES
 
 Table = tuple[str, list[str], list[list[str]]]
 WATCH_TARGET_STREAMS: Final = 10_000
@@ -152,7 +155,10 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         f"{fmt(ours, 2)} s vs {fmt(stock, 2)} s CPU in {fmt(seconds, 0)} s",
         check(ours + stock, ours <= stock + IDLE_CPU_SLACK_SECONDS),
     )
+    for name, shown, met in busy_targets(sections):
+        add(name, shown, met)
     _exec_probe_targets(_get(sections, "exec_probe") or {}, add, check)
+    _status_page_targets(sections, add, check)
     return targets
 
 
@@ -191,6 +197,36 @@ def _exec_probe_targets(
         f"exec probe over TLS ≤ {EXEC_PROBE_TLS_RATIO:g}{TIMES} plaintext (wall and CPU)",
         fmt_ratio(worst),
         check(worst, worst <= EXEC_PROBE_TLS_RATIO),
+    )
+
+
+def _status_page_targets(
+    sections: dict[str, Any],
+    add: Callable[[str, str, bool | None], None],
+    check: Callable[[float, bool], bool | None],
+) -> None:
+    page = _get(sections, "status_page") or {}
+    if not page:
+        return
+    value = _num(_get(page, "pages", "summary", WITH_PAGES, "p99_ms_ratio"))
+    add(
+        f"Check p99 with {WITH_PAGES} ≤ 1.1{TIMES} without",
+        fmt_ratio(value),
+        check(value, value <= 1.1),
+    )
+    idle = _get(page, "idle", "servers") or {}
+    rss = _num(_get(idle, HTTP, "rss_mib"))
+    add(
+        f"idle RSS with --http-port ≤ {IDLE_RSS_TARGET_MIB:g} MiB",
+        f"{fmt(rss, 1)} MiB",
+        check(rss, rss <= IDLE_RSS_TARGET_MIB),
+    )
+    ours, plain = _num(_get(idle, HTTP, "cpu_seconds")), _num(_get(idle, "petsage", "cpu_seconds"))
+    seconds = _num(_get(page, "idle", "seconds"))
+    add(
+        "no idle CPU with --http-port beyond petsage-grpc's without (+ 3 ticks)",
+        f"{fmt(ours, 2)} s vs {fmt(plain, 2)} s CPU in {fmt(seconds, 0)} s",
+        check(ours + plain, ours <= plain + IDLE_CPU_SLACK_SECONDS),
     )
 
 
@@ -355,6 +391,7 @@ def tables(results: dict[str, Any]) -> list[Table]:
                 rows,
             )
         )
+    out.extend(busy_tables(sections))
     exec_probe = _get(sections, "exec_probe")
     if exec_probe:
         table = _peer_table(
@@ -373,6 +410,36 @@ def tables(results: dict[str, Any]) -> list[Table]:
         for row, name in zip(rows, exec_probe["summary"], strict=True):
             row.insert(-1, fmt_ratio(_num(exec_probe["summary"][name].get("wall_ms_ratio"))))
         out.append((title, header, rows))
+    page = _get(sections, "status_page")
+    if page:
+        out.append(
+            _peer_table(
+                "Check latency at a fixed rate, with status pages polling status.json",
+                page["pages"],
+                [
+                    ("req/s", "rps", 0),
+                    ("p50 ms", "p50_ms", 2),
+                    ("p99 ms", "p99_ms", 2),
+                    ("max ms", "max_ms", 2),
+                    ("server CPU", "server_cpu_util", 2),
+                    ("polls/s", "polls_per_second", 0),
+                ],
+                "p99_ms",
+            )
+        )
+        idle = page.get("idle")
+        if idle:
+            rows = [
+                [name, fmt(v["cpu_seconds"], 2), fmt(v["rss_mib"], 1), fmt(v["threads"])]
+                for name, v in idle["servers"].items()
+            ]
+            out.append(
+                (
+                    f"Idle with --http-port for {fmt(idle['seconds'], 0)} s",
+                    ["server", "CPU s", "RSS MiB", "threads"],
+                    rows,
+                )
+            )
     return out
 
 

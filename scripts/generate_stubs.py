@@ -61,7 +61,7 @@ def _generate(tree: _Tree, out: Path) -> None:
     pattern = re.compile(r"^from (petsage(?:\.\w+)*) import ", re.MULTILINE)
     for path in out.rglob("*"):
         if not path.name.endswith(GENERATED_SUFFIXES):
-            continue  # __pycache__ and the committed __init__.py files
+            continue  # __pycache__/*.pyc once the stubs have been imported, __init__.py
         text = path.read_text()
         fixed = pattern.sub(lambda m: f"from {tree.package}.{m.group(1)} import ", text)
         path.write_text(fixed)

@@ -135,6 +135,30 @@ def assert_one_line_naming(run: CliRun, *words: str) -> None:
             id="nan-grace",
         ),
         pytest.param(
+            ["--host", "127.0.0.1", "--port", "{port}", "--loop-stall-seconds", "0"],
+            {},
+            ["--loop-stall-seconds", "at least 0.5s"],
+            id="stall-zero",
+        ),
+        pytest.param(
+            ["--host", "127.0.0.1", "--port", "{port}"],
+            {"PETSAGE_GRPC_LOOP_STALL_SECONDS": "soon"},
+            ["PETSAGE_GRPC_LOOP_STALL_SECONDS", "soon"],
+            id="env-stall",
+        ),
+        pytest.param(
+            ["--host", "127.0.0.1", "--port", "{port}", "--shed-lag-seconds", "0.2"],
+            {},
+            ["--shed-lag-seconds", "--probe-port"],
+            id="shed-without-heartbeat",
+        ),
+        pytest.param(
+            ["--host", "127.0.0.1", "--port", "{port}", "--probe-port", "0"],
+            {"PETSAGE_GRPC_SHED_LAG_SECONDS": "-1"},
+            ["PETSAGE_GRPC_SHED_LAG_SECONDS", "-1"],
+            id="env-shed-negative",
+        ),
+        pytest.param(
             ["--host", "127.0.0.1", "--port", "{port}", "--log-level", "loud"],
             {},
             ["--log-level", "loud"],

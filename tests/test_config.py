@@ -107,6 +107,18 @@ CASES: Final = [
     Case("server-bad-log-level", '[server]\nlog_level = "loud"\n', "server.log_level", ("loud",)),
     Case("server-negative-drain", "[server]\ndrain_seconds = -1\n", "server.drain_seconds"),
     Case(
+        "server-shed-zero",
+        "[server]\nshed_lag_seconds = 0\n",
+        "server.shed_lag_seconds",
+        ("greater than zero",),
+    ),
+    Case(
+        "server-stall-too-short",
+        '[server]\nloop_stall_seconds = "100ms"\n',
+        "server.loop_stall_seconds",
+        ("at least 0.5s",),
+    ),
+    Case(
         "unknown-check-kind",
         '[[checks]]\nname = "db"\nkind = "mysql"\ntarget = "db:3306"\n',
         "checks[0] ('db').kind",

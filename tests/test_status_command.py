@@ -408,6 +408,23 @@ def test_watch_picks_up_names_added_by_a_reload(
     assert watching.process.wait(RUN_TIMEOUT) == 0
 
 
+def test_event_loop_lag_is_shown_when_the_heartbeat_runs(spawn_server: SpawnServer) -> None:
+    server = spawn_server("--probe-port", str(free_port()))
+    run = run_status("--addr", server.address)
+    assert run.code == 0, run
+    lines = run.stdout.splitlines()
+    assert lines[-2] == SMOKE_OK_LINE
+    assert re.fullmatch(r"event loop lag: \d+ ms", lines[-1]), lines[-1]
+    answer = json.loads(run_status("--addr", server.address, "--json").stdout)
+    assert answer["smoke_test"]["event_loop_lag_seconds"] >= 0
+    # A server without the heartbeat (no probe port, no HTTP port) reports none.
+    plain = spawn_server()
+    assert (
+        "event_loop_lag_seconds"
+        not in json.loads(run_status("--addr", plain.address, "--json").stdout)["smoke_test"]
+    )
+
+
 # --- --watch when the server goes away -------------------------------------------------------
 
 QUICK_STOP: Final = ("--drain-seconds", "0", "--grace-seconds", "0")

@@ -105,6 +105,8 @@ class CheckState:
     has_verdict: bool = True
     """Whether the aggregates count this check. False only for a check that a reload added
     after start-up, until its first verdict (see the module's docstring)."""
+    flips: int = 0
+    """How often the check's status has changed (SERVING to NOT_SERVING or back)."""
 
 
 class HealthMonitor:
@@ -195,6 +197,7 @@ class HealthMonitor:
                 serving=state.serving,
                 completed_first_attempt=state.completed_first_attempt,
                 has_verdict=state.has_verdict,
+                flips=state.flips,  # a counter for Prometheus: it must not go back
             )
         for name in changes.added:
             # Before start-up has finished, a new check holds startup and readiness back
@@ -282,6 +285,8 @@ class HealthMonitor:
             state.last_error = error
             if state.serving and state.consecutive_failures >= check.failure_threshold:
                 state.serving = False
+        if state.serving != was_serving:
+            state.flips += 1
         first = not state.completed_first_attempt
         state.completed_first_attempt = True
         joined = not state.has_verdict and (

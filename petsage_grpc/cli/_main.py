@@ -144,6 +144,10 @@ def _serve_options(values: Mapping[str, Any], config: Config) -> ServeOptions:
         raise ValueError("--tls-cert and --tls-key go together")
     if client_ca is not None and cert is None:
         raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+    if values["shed_lag_seconds"] is not None and (
+        values["probe_port"] is None and values["http_port"] is None
+    ):
+        raise ValueError("--shed-lag-seconds needs --probe-port or --http-port")
     tls = None
     if cert is not None:
         from petsage_grpc.server._tls import TlsFiles  # noqa: PLC0415
@@ -159,6 +163,8 @@ def _serve_options(values: Mapping[str, Any], config: Config) -> ServeOptions:
         grace_seconds=values["grace_seconds"],
         http_port=values["http_port"],
         probe_port=values["probe_port"],
+        loop_stall_seconds=values["loop_stall_seconds"],
+        shed_lag_seconds=values["shed_lag_seconds"],
         tls=tls,
         auth_token=token,
         protect_reflection=config.protect_reflection,

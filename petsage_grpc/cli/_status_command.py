@@ -227,6 +227,8 @@ async def _smoke_test(
     result: dict[str, Any] = {"status": answer.status, "message": answer.message}
     if answer.checks:
         result["checks"] = {check.name: check.serving for check in answer.checks}
+    if answer.HasField("event_loop_lag_seconds"):
+        result["event_loop_lag_seconds"] = answer.event_loop_lag_seconds
     return result
 
 
@@ -246,6 +248,8 @@ def _print_table(states: dict[str, str], smoke: dict[str, Any], out: TextIO) -> 
         print(f"\nsmoke test: {smoke['error']}: {smoke['message']}", file=out)
     else:
         print(f"\nsmoke test: {smoke['status']}: {smoke['message']}", file=out)
+    if "event_loop_lag_seconds" in smoke:
+        print(f"event loop lag: {smoke['event_loop_lag_seconds'] * 1000:.0f} ms", file=out)
     out.flush()
 
 

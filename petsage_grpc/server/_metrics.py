@@ -1,4 +1,4 @@
-"""Prometheus metrics: served statuses, dependency checks and RPCs.
+"""Prometheus metrics: served statuses, dependency checks, event loop lag and RPCs.
 
 Statuses and check states are read from the board and the monitor when Prometheus
 scrapes, so they cost nothing between scrapes. RPCs are counted by a server interceptor
@@ -12,9 +12,10 @@ from typing import Any
 
 import grpc
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from petsage_grpc.board._heartbeat import LoopHeartbeat
 from petsage_grpc.board._monitor import HealthMonitor
 from petsage_grpc.board._status import ServingStatus, StatusBoard
 
@@ -22,9 +23,12 @@ __all__ = ["Metrics"]
 
 
 class _StateCollector(Collector):
-    def __init__(self, board: StatusBoard, monitor: HealthMonitor | None) -> None:
+    def __init__(
+        self, board: StatusBoard, monitor: HealthMonitor | None, heartbeat: LoopHeartbeat | None
+    ) -> None:
         self._board = board
         self._monitor = monitor
+        self._heartbeat = heartbeat
 
     def collect(self) -> Iterator[Metric]:
         serving = GaugeMetricFamily(
@@ -35,6 +39,19 @@ class _StateCollector(Collector):
         for name, status in sorted(self._board.snapshot().items()):
             serving.add_metric([name], 1.0 if status is ServingStatus.SERVING else 0.0)
         yield serving
+        if self._heartbeat is not None:
+            yield GaugeMetricFamily(
+                "petsage_grpc_event_loop_lag_seconds",
+                "How late the event loop runs a timer now (its last beat, or how overdue "
+                "the next one is).",
+                value=self._heartbeat.lag_seconds,
+            )
+            yield CounterMetricFamily(
+                "petsage_grpc_event_loop_stalls",
+                "Times the event loop did not run for longer than the stall threshold "
+                "(liveness then reports NOT_SERVING).",
+                value=self._heartbeat.stalls,
+            )
         if self._monitor is None:
             return
         duration = GaugeMetricFamily(
@@ -52,6 +69,23 @@ class _StateCollector(Collector):
             "When the check last passed (seconds since the epoch).",
             labels=["check"],
         )
+        # For the alerting rules (deploy/prometheus-rules.yaml): which checks are critical,
+        # how close each attempt comes to its timeout, and how often a check flaps.
+        serving_check = GaugeMetricFamily(
+            "petsage_grpc_check_serving",
+            "1 if the check reports SERVING, else 0; critical checks gate readiness.",
+            labels=["check", "critical"],
+        )
+        timeout = GaugeMetricFamily(
+            "petsage_grpc_check_timeout_seconds",
+            "The check's timeout: the budget of one attempt.",
+            labels=["check"],
+        )
+        changes = CounterMetricFamily(
+            "petsage_grpc_check_status_changes",
+            "How often the check's status changed between SERVING and NOT_SERVING.",
+            labels=["check"],
+        )
         for state in self._monitor.states:
             labels = [state.check.name]
             if state.last_duration is not None:
@@ -59,7 +93,11 @@ class _StateCollector(Collector):
             failures.add_metric(labels, state.consecutive_failures)
             if state.last_success_time is not None:
                 last_success.add_metric(labels, state.last_success_time)
-        yield from (duration, failures, last_success)
+            critical = "true" if state.check.critical else "false"
+            serving_check.add_metric([state.check.name, critical], 1.0 if state.serving else 0.0)
+            timeout.add_metric(labels, state.check.timeout)
+            changes.add_metric(labels, state.flips)
+        yield from (duration, failures, last_success, serving_check, timeout, changes)
 
 
 class _RpcCounter(grpc.aio.ServerInterceptor):
@@ -139,9 +177,15 @@ class Metrics:
     Install :attr:`interceptor` on the gRPC server to count RPCs; serve :meth:`render`.
     """
 
-    def __init__(self, board: StatusBoard, monitor: HealthMonitor | None = None) -> None:
+    def __init__(
+        self,
+        board: StatusBoard,
+        monitor: HealthMonitor | None = None,
+        *,
+        heartbeat: LoopHeartbeat | None = None,
+    ) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(_StateCollector(board, monitor))
+        self.registry.register(_StateCollector(board, monitor, heartbeat))
         self.interceptor: grpc.aio.ServerInterceptor = _RpcCounter(self.registry)
 
     def render(self) -> tuple[bytes, str]:
