@@ -15,6 +15,11 @@ grpcurl works as pasted::
     grpcurl -plaintext -d '{"service": "readiness"}' 127.0.0.1:50061 grpc.health.v1.Health/Check
     curl -i http://127.0.0.1:8081/readyz
 
+``--probe-port`` serves Health's Check and Watch from a thread of their own (a
+``ProbeListener``): point the kubelet's probes there, and they are answered however busy
+this server's event loop is, while ``liveness`` turns NOT_SERVING if the loop stops
+running altogether (``grpc_health_probe -addr=127.0.0.1:50062 -service=liveness``).
+
 ``--http-port`` serves ``/readyz`` and ``/livez`` (200 or 503) for load balancers that
 check over HTTP, such as HAProxy (deploy/haproxy.cfg). The embedding API has no HTTP
 face of its own, so the example answers those two paths from the status board itself,
@@ -24,7 +29,8 @@ On SIGTERM it stops the way Kubernetes and load balancers expect: readiness turn
 NOT_SERVING at once (Watch clients move away immediately, ``/readyz`` answers 503), the
 server keeps answering for ``--drain-seconds`` so that HTTP checkers notice, then it
 stops with ``--grace-seconds`` for calls in flight. It prints ``listening on
-HOST:PORT`` once it listens; readiness turns SERVING with the first passing store check.
+HOST:PORT`` once it listens (then ``probes on HOST:PORT`` with ``--probe-port``);
+readiness turns SERVING with the first passing store check.
 
 Exit codes: 0 after a graceful stop; 2 on bad arguments.
 """
@@ -160,19 +166,27 @@ async def main(arguments: argparse.Namespace, store_check: Check) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    probes = None
+    if arguments.probe_port is not None:
+        probes = petsage_grpc.ProbeListener(board, host=arguments.host, port=arguments.probe_port)
     async with HealthMonitor(board, [store_check]), contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(store.aclose)
+        if probes is not None:
+            await probes.start()  # on this loop, before the server: its heartbeat watches it
         await server.start()
         if arguments.http_port is not None:
             http = await start_http(board, arguments.host, arguments.http_port)
             stack.push_async_callback(http.cleanup)
         print(f"listening on {arguments.host}:{bound}", flush=True)
+        if probes is not None:
+            print(f"probes on {arguments.host}:{probes.port}", flush=True)
         await stop.wait()
         await petsage_grpc.graceful_stop(
             server,
             board,
             drain_seconds=arguments.drain_seconds,
             grace_seconds=arguments.grace_seconds,
+            probe_listener=probes,  # stopped last: probes are answered until the end
         )
 
 
@@ -181,6 +195,9 @@ def parse_arguments() -> tuple[argparse.Namespace, Check]:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=50061, help="gRPC port (0: any free one)")
     parser.add_argument("--http-port", type=int, help="serve /readyz and /livez on this port")
+    parser.add_argument(
+        "--probe-port", type=int, help="serve Check and Watch for the kubelet on this port"
+    )
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="the visit store")
     parser.add_argument("--replica", default="", help="name returned in every answer")
     parser.add_argument(

@@ -172,6 +172,28 @@ def test_embed_example_is_callable_through_reflection_and_follows_its_store(
     assert example.process.wait(timeout=15) == 0
 
 
+def test_embed_example_answers_probes_on_its_probe_listener(
+    start_example: Callable[..., Example], redis_server: RedisServer
+) -> None:
+    example = start_example(
+        "--port", "0", "--probe-port", "0", "--redis", redis_server.url(),
+        "--check-interval", "0.2", "--drain-seconds", "0.2", "--grace-seconds", "0.2",
+    )  # fmt: skip
+    assert example.process.stdout is not None
+    line = example.process.stdout.readline()
+    assert line.startswith("probes on "), line + example.stderr()
+    with bounded_channel(line.split()[-1]) as channel:
+        wait_for(channel, "readiness", HEALTH_STATUS.SERVING)
+        health = health_pb2_grpc.HealthStub(channel)
+        answer = health.Check(health_pb2.HealthCheckRequest(service="liveness"), timeout=WAIT)
+        assert answer.status == HEALTH_STATUS.SERVING
+        with pytest.raises(grpc.RpcError) as listed:  # Check and Watch only
+            health.List(health_pb2.HealthListRequest(), timeout=WAIT)
+        assert listed.value.code() is grpc.StatusCode.UNIMPLEMENTED
+    example.process.send_signal(signal.SIGTERM)
+    assert example.process.wait(timeout=WAIT) == 0, example.stderr()
+
+
 def test_embed_example_rejects_a_bad_store_url_in_one_line() -> None:
     finished = subprocess.run(
         [sys.executable, str(EMBED), "--redis", "http://127.0.0.1:1/"],
