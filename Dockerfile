@@ -5,6 +5,7 @@ COPY pyproject.toml README.md ./
 COPY petsage_grpc ./petsage_grpc
 RUN pip install --no-cache-dir . && useradd --uid 10001 --no-create-home petsage
 USER 10001
-EXPOSE 50051
+# gRPC, the HTTP face (status page, /readyz, /metrics), the probe listener: as in the manifest.
+EXPOSE 50051 8080 8081
 ENTRYPOINT ["petsage-grpc"]
 CMD ["serve"]

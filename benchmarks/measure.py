@@ -49,6 +49,9 @@ LABELS: Final = {
     "none": "no dependency check",
     "python-hang": "python check that never returns",
     "http-blackhole": "http check against a black hole",
+    "probe": "petsage-grpc probe",
+    "probe TLS": "petsage-grpc probe -tls (CA verified)",
+    "grpcio client": "grpcio client, same Check (the former probe)",
 }
 
 
@@ -78,6 +81,7 @@ class Config:
     watch_change_timeout: float = 20.0
     startup_rounds: int = 5
     idle_seconds: float = 30.0
+    exec_probe_rounds: int = 15
 
 
 FULL: Final = Config()
@@ -102,6 +106,7 @@ SMOKE: Final = Config(
     watch_change_timeout=10.0,
     startup_rounds=1,
     idle_seconds=1.0,
+    exec_probe_rounds=2,
 )
 
 

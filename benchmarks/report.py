@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
+from benchmarks.busy import tables as busy_tables
+from benchmarks.busy import targets as busy_targets
 from benchmarks.measure import LABELS, med, ratio
+from benchmarks.status_page import HTTP, WITH_PAGES
 
 Table = tuple[str, list[str], list[list[str]]]
 WATCH_TARGET_STREAMS: Final = 10_000
@@ -152,7 +155,79 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         f"{fmt(ours, 2)} s vs {fmt(stock, 2)} s CPU in {fmt(seconds, 0)} s",
         check(ours + stock, ours <= stock + IDLE_CPU_SLACK_SECONDS),
     )
+    for name, shown, met in busy_targets(sections):
+        add(name, shown, met)
+    _exec_probe_targets(_get(sections, "exec_probe") or {}, add, check)
+    _status_page_targets(sections, add, check)
     return targets
+
+
+EXEC_PROBE_CPU_RATIO: Final = 4.0
+EXEC_PROBE_WALL_RATIO: Final = 4.5
+EXEC_PROBE_RSS_MIB: Final = 20.0
+EXEC_PROBE_TLS_RATIO: Final = 1.3
+
+
+def _exec_probe_targets(
+    section: dict[str, Any],
+    add: Callable[[str, str, bool | None], None],
+    check: Callable[[float, bool], bool | None],
+) -> None:
+    summary = section.get("summary", {})
+    for metric, limit, what in (
+        ("cpu_ms", EXEC_PROBE_CPU_RATIO, "CPU"),
+        ("wall_ms", EXEC_PROBE_WALL_RATIO, "wall time"),
+    ):
+        value = _num(_get(summary, "probe", f"{metric}_ratio"))
+        add(
+            f"exec probe {what} ≤ {limit:g}{TIMES} `python -c pass` (plaintext)",
+            fmt_ratio(value),
+            check(value, value <= limit),
+        )
+    for name, what in (("probe", "plaintext"), ("probe TLS", "TLS")):
+        rss = _num(_get(summary, name, "peak_rss_mib"))
+        add(
+            f"exec probe peak RSS ≤ {EXEC_PROBE_RSS_MIB:g} MiB ({what})",
+            f"{fmt(rss, 1)} MiB",
+            check(rss, rss <= EXEC_PROBE_RSS_MIB),
+        )
+    tls = section.get("tls_vs_plaintext", {})
+    worst = max(_num(tls.get("wall_ms_ratio")), _num(tls.get("cpu_ms_ratio")))
+    add(
+        f"exec probe over TLS ≤ {EXEC_PROBE_TLS_RATIO:g}{TIMES} plaintext (wall and CPU)",
+        fmt_ratio(worst),
+        check(worst, worst <= EXEC_PROBE_TLS_RATIO),
+    )
+
+
+def _status_page_targets(
+    sections: dict[str, Any],
+    add: Callable[[str, str, bool | None], None],
+    check: Callable[[float, bool], bool | None],
+) -> None:
+    page = _get(sections, "status_page") or {}
+    if not page:
+        return
+    value = _num(_get(page, "pages", "summary", WITH_PAGES, "p99_ms_ratio"))
+    add(
+        f"Check p99 with {WITH_PAGES} ≤ 1.1{TIMES} without",
+        fmt_ratio(value),
+        check(value, value <= 1.1),
+    )
+    idle = _get(page, "idle", "servers") or {}
+    rss = _num(_get(idle, HTTP, "rss_mib"))
+    add(
+        f"idle RSS with --http-port ≤ {IDLE_RSS_TARGET_MIB:g} MiB",
+        f"{fmt(rss, 1)} MiB",
+        check(rss, rss <= IDLE_RSS_TARGET_MIB),
+    )
+    ours, plain = _num(_get(idle, HTTP, "cpu_seconds")), _num(_get(idle, "petsage", "cpu_seconds"))
+    seconds = _num(_get(page, "idle", "seconds"))
+    add(
+        "no idle CPU with --http-port beyond petsage-grpc's without (+ 3 ticks)",
+        f"{fmt(ours, 2)} s vs {fmt(plain, 2)} s CPU in {fmt(seconds, 0)} s",
+        check(ours + plain, ours <= plain + IDLE_CPU_SLACK_SECONDS),
+    )
 
 
 def _peer_table(
@@ -316,6 +391,55 @@ def tables(results: dict[str, Any]) -> list[Table]:
                 rows,
             )
         )
+    out.extend(busy_tables(sections))
+    exec_probe = _get(sections, "exec_probe")
+    if exec_probe:
+        table = _peer_table(
+            "Exec probe, one process per Check (median of "
+            f"{len(exec_probe.get('rounds', []))} alternating runs)",
+            exec_probe,
+            [
+                ("wall ms", "wall_ms", 1),
+                ("CPU ms", "cpu_ms", 1),
+                ("peak RSS MiB", "peak_rss_mib", 1),
+            ],
+            "cpu_ms",
+        )
+        title, header, rows = table
+        header.insert(-1, "wall_ms vs baseline")
+        for row, name in zip(rows, exec_probe["summary"], strict=True):
+            row.insert(-1, fmt_ratio(_num(exec_probe["summary"][name].get("wall_ms_ratio"))))
+        out.append((title, header, rows))
+    page = _get(sections, "status_page")
+    if page:
+        out.append(
+            _peer_table(
+                "Check latency at a fixed rate, with status pages polling status.json",
+                page["pages"],
+                [
+                    ("req/s", "rps", 0),
+                    ("p50 ms", "p50_ms", 2),
+                    ("p99 ms", "p99_ms", 2),
+                    ("max ms", "max_ms", 2),
+                    ("server CPU", "server_cpu_util", 2),
+                    ("polls/s", "polls_per_second", 0),
+                ],
+                "p99_ms",
+            )
+        )
+        idle = page.get("idle")
+        if idle:
+            rows = [
+                [name, fmt(v["cpu_seconds"], 2), fmt(v["rss_mib"], 1), fmt(v["threads"])]
+                for name, v in idle["servers"].items()
+            ]
+            out.append(
+                (
+                    f"Idle with --http-port for {fmt(idle['seconds'], 0)} s",
+                    ["server", "CPU s", "RSS MiB", "threads"],
+                    rows,
+                )
+            )
     return out
 
 

@@ -7,7 +7,9 @@
 nghttp2-client, the Node packages, matplotlib) and runs the full benchmark. Sections:
 Check throughput on persistent connections (h2load), the kubelet model (a new connection
 per probe), Check latency at a fixed rate with dependency checks that hang, Watch
-fan-out, and spawn to SERVING with idle RSS and CPU. The exit code is 1 if any
+fan-out, spawn to SERVING with idle RSS and CPU, the exec probe (one ``petsage-grpc
+probe`` process against ``python -c pass``), and the status page (Check latency with 50
+pages open, idle cost of --http-port). The exit code is 1 if any
 measurement failed (the errors are listed in the JSON and the report), else 0; missed
 targets do not change it.
 """
@@ -34,6 +36,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Final
 
+from benchmarks import busy
+from benchmarks.exec_probe import measure_exec_probe
 from benchmarks.measure import (
     FULL,
     ROOT,
@@ -48,8 +52,19 @@ from benchmarks.measure import (
 )
 from benchmarks.procs import Processes, cpu_sets
 from benchmarks.report import evaluate_targets, markdown_table, tables, write_markdown, write_plot
+from benchmarks.status_page import measure_status_page
 
-SECTION_NAMES: Final = ("throughput", "kubelet", "hanging_dependency", "watch", "startup")
+SECTION_NAMES: Final = (
+    "throughput",
+    "kubelet",
+    "hanging_dependency",
+    "watch",
+    "startup",
+    "busy_backend",
+    "wedge",
+    "exec_probe",
+    "status_page",
+)
 NOTES: Final = ROOT / "benchmarks" / "notes.md"
 FULL_COMMAND: Final = "scripts/benchmark   # = .venv/bin/python -m benchmarks.run, after setting up"
 SMOKE_COMMAND: Final = ".venv/bin/python -m benchmarks.run --smoke"
@@ -127,7 +142,8 @@ def machine_info() -> dict[str, str]:
 
 
 def _missing_tools() -> list[str]:
-    missing = [tool for tool in ("h2load", "nghttp", "node", "taskset") if not shutil.which(tool)]
+    tools = ("h2load", "nghttp", "node", "taskset", "openssl")
+    missing = [tool for tool in tools if not shutil.which(tool)]
     for package in ("@grpc/grpc-js", "grpc-health-check"):
         if not (ROOT / "node_modules" / package / "package.json").is_file():
             missing.append(f"node_modules/{package} (run npm ci)")
@@ -157,9 +173,12 @@ def _load_average() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
-def _measure(bench: Bench, wanted: Sequence[str], log: dict[str, str]) -> dict[str, Any]:
+def _measure(
+    bench: Bench, wanted: Sequence[str], log: dict[str, str], *, smoke: bool
+) -> dict[str, Any]:
     """Run the wanted sections; note the load average and duration of each in *log*."""
     sections: dict[str, Any] = {}
+    busy_config = busy.SMOKE if smoke else busy.FULL
     steps: list[tuple[str, Callable[[], None]]] = []
     if {"throughput", "kubelet"} & set(wanted):
         steps.append(
@@ -179,6 +198,31 @@ def _measure(bench: Bench, wanted: Sequence[str], log: dict[str, str]) -> dict[s
         )
     if "startup" in wanted:
         steps.append(("spawn and idle", lambda: sections.update(startup=measure_startup(bench))))
+    if "busy_backend" in wanted:
+        steps.append(
+            (
+                "busy backend",
+                lambda: sections.update(busy_backend=busy.measure_busy(bench, busy_config)),
+            )
+        )
+    if "wedge" in wanted:
+        steps.append(
+            ("wedge", lambda: sections.update(wedge=busy.measure_wedge(bench, busy_config)))
+        )
+    if "exec_probe" in wanted:
+
+        def exec_probe() -> None:
+            with bench.attempt("exec_probe"):
+                sections.update(exec_probe=measure_exec_probe(bench))
+
+        steps.append(("exec probe", exec_probe))
+    if "status_page" in wanted:
+        steps.append(
+            (
+                "status page",
+                lambda: sections.update(status_page=measure_status_page(bench)),
+            )
+        )
     for name, step in steps:
         print(f"{name} (load average {_load_average()})", file=sys.stderr, flush=True)
         started = time.perf_counter()
@@ -265,7 +309,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="petsage-bench-") as scratch:
         bench = Bench(config, procs, Path(scratch))
         try:
-            results["sections"] = _measure(bench, args.sections, results["meta"]["sections"])
+            results["sections"] = _measure(
+                bench, args.sections, results["meta"]["sections"], smoke=args.smoke
+            )
         finally:
             procs.stop_all()
             bench.close()

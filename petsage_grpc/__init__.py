@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from petsage_grpc.services._drain import graceful_stop
     from petsage_grpc.services._embed import add_to_server
     from petsage_grpc.services._health import HealthLimits
+    from petsage_grpc.services._probe_listener import ProbeListener
 
 __all__ = [
     "CHECK_PREFIX",
@@ -45,6 +46,7 @@ __all__ = [
     "HealthLimits",
     "HealthMonitor",
     "ListenError",
+    "ProbeListener",
     "ServeOptions",
     "ServingStatus",
     "StatusBoard",
@@ -63,6 +65,7 @@ _HOMES = {
     "graceful_stop": "services._drain",
     "add_to_server": "services._embed",
     "ListenError": "server._server",
+    "ProbeListener": "services._probe_listener",
     "SERVER_OPTIONS": "server._server",
     "ServeOptions": "server._server",
     "serve": "server._server",

@@ -374,6 +374,7 @@ def test_unusable_token_file_exits_2(tmp_path: Path, content: str) -> None:
     assert done.code == 2, done.stderr
     assert len(done.lines) == 1, done.stderr
     assert done.lines[0].startswith("petsage-grpc serve: error: "), done.lines[0]
+    assert str(token_file) in done.lines[0]
     assert refuses_connections(port)
 
 

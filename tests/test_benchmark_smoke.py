@@ -16,14 +16,26 @@ from typing import Any
 import pytest
 from conftest import ROOT
 
-SECTIONS = ("throughput", "kubelet", "hanging_dependency", "watch", "startup")
+SECTIONS = (
+    "throughput",
+    "kubelet",
+    "hanging_dependency",
+    "watch",
+    "startup",
+    "exec_probe",
+    "status_page",
+    "busy_backend",
+    "wedge",
+)
+EXEC_PROBE_COMMANDS = {"python -c pass", "probe", "probe TLS", "grpcio client"}
 CHECK_PEERS = {"bare-aio", "petsage", "stock-aio", "stock-sync", "grpc-js"}
 WATCH_PEERS = {"bare-stream", "petsage-embedded", "stock-aio"}
-RUN_TIMEOUT = 180
+RUN_TIMEOUT = 240
 
 
 def _missing_tools() -> list[str]:
-    missing = [tool for tool in ("h2load", "nghttp", "node", "taskset") if not shutil.which(tool)]
+    tools = ("h2load", "nghttp", "node", "taskset", "openssl")
+    missing = [tool for tool in tools if not shutil.which(tool)]
     for package in ("@grpc/grpc-js", "grpc-health-check"):
         if not (ROOT / "node_modules" / package / "package.json").is_file():
             missing.append(f"node_modules/{package}")
@@ -80,6 +92,35 @@ def test_every_peer_was_measured(smoke: dict[str, Any]) -> None:
             assert row["delivered"] == int(size), (size, peer)
     assert set(sections["startup"]["spawn"]["summary"]) == {"stock-aio", "petsage"}
     assert set(sections["startup"]["idle"]["servers"]) >= {"stock-aio", "petsage"}
+    page = sections["status_page"]
+    assert set(page["pages"]["summary"]) == {"no status page open", "50 status pages open"}
+    assert page["pages"]["summary"]["50 status pages open"]["polls_per_second"] > 0
+    assert set(page["idle"]["servers"]) == {
+        "petsage",
+        "petsage-grpc --http-port",
+        "petsage-grpc --http-port + a check every second",
+    }
+    busy = sections["busy_backend"]["summary"]
+    assert set(busy) == {
+        f"{kind}/{app}"
+        for kind in ("petsage-main", "petsage-probe", "stock-aio")
+        for app in ("generic", "stub")
+    }
+    for label, row in busy.items():
+        assert row["probes"] > 0, label
+        assert row["app_calls_per_second"] > 0, label
+    for run in sections["wedge"]["runs"]:
+        # The blocked loop was seen: liveness turned NOT_SERVING, then SERVING again.
+        assert run["heartbeat_stalls"] >= 1, run
+        assert run["not_serving_after_s"] > 0, run
+        assert run["serving_again_after_s"] >= 0, run
+    exec_probe = sections["exec_probe"]["summary"]
+    assert set(exec_probe) == EXEC_PROBE_COMMANDS
+    for command, row in exec_probe.items():
+        assert row["rounds"] >= 1, command
+        assert row["cpu_ms"] > 0, command
+        assert row["peak_rss_mib"] > 0, command
+    assert sections["exec_probe"]["tls_vs_plaintext"]["wall_ms_ratio"] > 0
 
 
 @pytest.mark.timeout(RUN_TIMEOUT)

@@ -135,6 +135,30 @@ def assert_one_line_naming(run: CliRun, *words: str) -> None:
             id="nan-grace",
         ),
         pytest.param(
+            ["--host", "127.0.0.1", "--port", "{port}", "--loop-stall-seconds", "0"],
+            {},
+            ["--loop-stall-seconds", "at least 0.5s"],
+            id="stall-zero",
+        ),
+        pytest.param(
+            ["--host", "127.0.0.1", "--port", "{port}"],
+            {"PETSAGE_GRPC_LOOP_STALL_SECONDS": "soon"},
+            ["PETSAGE_GRPC_LOOP_STALL_SECONDS", "soon"],
+            id="env-stall",
+        ),
+        pytest.param(
+            ["--host", "127.0.0.1", "--port", "{port}", "--shed-lag-seconds", "0.2"],
+            {},
+            ["--shed-lag-seconds", "--probe-port"],
+            id="shed-without-heartbeat",
+        ),
+        pytest.param(
+            ["--host", "127.0.0.1", "--port", "{port}", "--probe-port", "0"],
+            {"PETSAGE_GRPC_SHED_LAG_SECONDS": "-1"},
+            ["PETSAGE_GRPC_SHED_LAG_SECONDS", "-1"],
+            id="env-shed-negative",
+        ),
+        pytest.param(
             ["--host", "127.0.0.1", "--port", "{port}", "--log-level", "loud"],
             {},
             ["--log-level", "loud"],
@@ -239,6 +263,104 @@ def test_port_in_use_by_another_server(spawn_server: SpawnServer) -> None:
     # The first server still answers, alone on its port.
     assert check_status(first.address, LIVENESS) is ServingStatus.SERVING
     assert first.process.poll() is None
+
+
+# -- serve: start-up errors in the log format --------------------------------------------
+
+JSON_ENV: Final = {"PETSAGE_GRPC_LOG_FORMAT": "json"}
+
+
+def json_errors(run: CliRun) -> list[str]:
+    """Exit 2, nothing on stdout, every stderr line a JSON start-up error; their messages."""
+    assert run.code == 2, run.stderr
+    assert run.stdout == ""
+    lines = run.stderr.splitlines()
+    assert lines
+    messages = []
+    for line in lines:
+        entry = json.loads(line)
+        assert {"time", "level", "logger", "message"} <= entry.keys(), line
+        assert (entry["level"], entry["event"]) == ("error", "startup_error"), line
+        messages.append(entry["message"])
+    return messages
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "words"),
+    [
+        pytest.param(["--port", "abc"], JSON_ENV, ["--port", "abc"], id="bad-flag"),
+        pytest.param(["--bogus"], JSON_ENV, ["--bogus"], id="unknown-flag"),
+        pytest.param(["--log", "json"], JSON_ENV, ["ambiguous"], id="ambiguous-flag"),
+        pytest.param(["--log-format=json", "--bogus"], {}, ["--bogus"], id="format-flag"),
+        pytest.param(
+            ["--log-format", "xml"], JSON_ENV, ["--log-format", "xml"], id="bad-format-flag"
+        ),
+        pytest.param(
+            [],
+            {**JSON_ENV, "PETSAGE_GRPC_DRAIN_SECONDS": "forever"},
+            ["PETSAGE_GRPC_DRAIN_SECONDS"],
+            id="bad-env",
+        ),
+        pytest.param(
+            ["--tls-cert", "/nonexistent/tls.crt", "--tls-key", "/nonexistent/tls.key"],
+            JSON_ENV,
+            ["/nonexistent/tls.crt"],
+            id="tls-file",
+        ),
+        pytest.param(
+            ["--auth-token-file", "/nonexistent/token"],
+            JSON_ENV,
+            ["/nonexistent/token"],
+            id="token-file",
+        ),
+    ],
+)
+def test_start_up_errors_follow_the_json_log_format(
+    args: list[str], env: dict[str, str], words: list[str]
+) -> None:
+    port = free_port()
+    run = run_cli("serve", "--host", "127.0.0.1", "--port", str(port), *args, env=env)
+    (message,) = json_errors(run)
+    for word in words:
+        assert word in message, (word, message)
+    assert nothing_listens(port)
+
+
+def test_a_port_in_use_is_reported_in_json() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as occupant:
+        occupant.bind(("127.0.0.1", 0))
+        occupant.listen()
+        port = occupant.getsockname()[1]
+        run = run_cli("serve", "--host", "127.0.0.1", "--port", str(port), env=JSON_ENV)
+    (message,) = json_errors(run)
+    assert f"{port} is already in use" in message
+
+
+def test_every_problem_of_a_bad_file_is_a_json_line(tmp_path: Path) -> None:
+    config = tmp_path / "petsage.toml"
+    config.write_text('bogus = 1\n[[checks]]\nname = "x"\n', encoding="utf-8")
+    run = run_cli("serve", "--config", str(config), env=JSON_ENV)
+    messages = json_errors(run)
+    assert len(messages) == 3, messages
+    assert all(message.startswith(f"{config}: ") for message in messages)
+
+    # The file's own [server] log_format counts when the flag and environment are silent.
+    config.write_text('[server]\nlog_format = "json"\nbogus = 1\n', encoding="utf-8")
+    (message,) = json_errors(run_cli("serve", "--config", str(config)))
+    assert "server.bogus" in message
+    # ... and not over them.
+    run = run_cli("serve", "--config", str(config), "--log-format", "text")
+    assert_one_line_naming(run, "petsage-grpc serve: error: ", "server.bogus")
+
+
+def test_an_unreadable_format_flag_without_the_environment_falls_back_to_text() -> None:
+    run = run_cli("serve", "--log-format", "xml")
+    assert_one_line_naming(run, "petsage-grpc serve: error: ", "--log-format", "xml")
+
+
+def test_an_unknown_command_follows_the_environment_format() -> None:
+    (message,) = json_errors(run_cli("serv", env=JSON_ENV))
+    assert "'serv'" in message
 
 
 # -- serve: environment variables and flags ----------------------------------------------

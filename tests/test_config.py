@@ -107,6 +107,18 @@ CASES: Final = [
     Case("server-bad-log-level", '[server]\nlog_level = "loud"\n', "server.log_level", ("loud",)),
     Case("server-negative-drain", "[server]\ndrain_seconds = -1\n", "server.drain_seconds"),
     Case(
+        "server-shed-zero",
+        "[server]\nshed_lag_seconds = 0\n",
+        "server.shed_lag_seconds",
+        ("greater than zero",),
+    ),
+    Case(
+        "server-stall-too-short",
+        '[server]\nloop_stall_seconds = "100ms"\n',
+        "server.loop_stall_seconds",
+        ("at least 0.5s",),
+    ),
+    Case(
         "unknown-check-kind",
         '[[checks]]\nname = "db"\nkind = "mysql"\ntarget = "db:3306"\n',
         "checks[0] ('db').kind",
@@ -279,6 +291,12 @@ CASES: Final = [
         ("'no'",),
     ),
     Case(
+        "auth-token-env-not-a-string",
+        "[auth]\ntoken_env = 5\n",
+        "auth.token_env",
+        ("must be a string", "5"),
+    ),
+    Case(
         "smoke-test-unknown-key",
         "[smoke_test]\nverbose = true\n",
         "smoke_test.verbose",
@@ -412,6 +430,41 @@ def test_every_problem_of_one_check_is_reported_at_once(tmp_path: Path) -> None:
         "checks[0] ('DB').interval",
         "checks[0] ('DB').failure_threshold",
     }
+
+
+def test_a_duplicate_name_is_reported_with_the_entry_s_other_problems(tmp_path: Path) -> None:
+    config = write(
+        tmp_path,
+        check_with("", TCP_CHECK) + check_with('interval = "fast"\nretries = 3\n', TCP_CHECK),
+    )
+    lines = refused(config)
+    keys = {line.removeprefix(f"{ERROR_PREFIX}{config}: ").split(": ", 1)[0] for line in lines}
+    assert keys == {
+        "checks[1] ('db').name",
+        "checks[1] ('db').interval",
+        "checks[1] ('db').retries",
+    }
+    assert any("duplicate check name 'db'" in line for line in lines), lines
+
+
+def test_the_documented_example_prints_what_the_documentation_shows(tmp_path: Path) -> None:
+    page = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+    example = page.split("This `petsage.toml`:", 1)[1]
+    (_, toml), (_, output) = re.findall(r"```(\w*)\n(.*?)```", example, re.DOTALL)[:2]
+    shown = output.splitlines()
+    (tmp_path / "petsage.toml").write_text(toml, encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, "-m", "petsage_grpc", "serve", "--config", "petsage.toml"],
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT,
+        cwd=tmp_path,
+        env={**clean_environ(), "PYTHONPATH": str(ROOT)},
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == shown
 
 
 def test_bad_environment_value_is_one_line_naming_the_variable() -> None:

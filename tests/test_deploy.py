@@ -69,11 +69,13 @@ def _kubelet_check(address: str, service: str) -> int:
 def test_manifest_probes_use_the_served_port_and_registered_names() -> None:
     (container,) = _containers()
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert ports["grpc"] == 50051, "the server's default port"
+    config = tomllib.loads(_one("ConfigMap")["data"]["petsage.toml"])
     for kind in PROBES:
         probe = container[kind]["grpc"]
-        assert probe["port"] == ports["grpc"] == 50051, "the server's default port"
+        # The probe port: answered off the event loop, so a busy replica is not restarted.
+        assert probe["port"] == ports["probes"] == config["server"]["probe_port"]
         assert probe["service"] in {"startup", "liveness", "readiness"}
-    config = tomllib.loads(_one("ConfigMap")["data"]["petsage.toml"])
     assert config["server"]["http_port"] == ports["http"]
     mount = container["volumeMounts"][0]["mountPath"]
     env = {item["name"]: item for item in container["env"]}
@@ -108,8 +110,13 @@ def test_server_started_as_in_the_manifest_answers_every_probe(
     # The Secret's value: the password of the PostgreSQL role that requires one.
     (secret,) = (item["name"] for item in container["env"] if "valueFrom" in item)
     env[secret] = postgres_cluster.password
-    http_port = free_port()
-    running = spawn_server(*container["args"][1:], "--http-port", str(http_port), env=env)
+    http_port, probe_port = free_port(), free_port()
+    running = spawn_server(
+        *container["args"][1:],
+        *("--http-port", str(http_port), "--probe-port", str(probe_port)),
+        env=env,
+    )
+    probes = f"127.0.0.1:{probe_port}"
 
     deadline = time.monotonic() + 20
     while _kubelet_check(running.address, "readiness") != health_pb2.HealthCheckResponse.SERVING:
@@ -117,7 +124,7 @@ def test_server_started_as_in_the_manifest_answers_every_probe(
         time.sleep(0.1)
     for kind in PROBES:
         service = container[kind]["grpc"]["service"]
-        status = _kubelet_check(running.address, service)
+        status = _kubelet_check(probes, service)
         assert status == health_pb2.HealthCheckResponse.SERVING, (kind, service)
     # The httpGet alternative named in the manifest's comment answers the same.
     for path in ("/livez", "/readyz", "/startupz"):
@@ -127,10 +134,10 @@ def test_server_started_as_in_the_manifest_answers_every_probe(
     # Readiness follows the manifest's checks; liveness does not.
     redis_server.stop()
     deadline = time.monotonic() + 20
-    while _kubelet_check(running.address, "readiness") == health_pb2.HealthCheckResponse.SERVING:
+    while _kubelet_check(probes, "readiness") == health_pb2.HealthCheckResponse.SERVING:
         assert time.monotonic() < deadline, running.log()
         time.sleep(0.1)
-    assert _kubelet_check(running.address, "liveness") == health_pb2.HealthCheckResponse.SERVING
+    assert _kubelet_check(probes, "liveness") == health_pb2.HealthCheckResponse.SERVING
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(f"http://127.0.0.1:{http_port}/readyz", timeout=5)
     assert refused.value.code == 503

@@ -139,6 +139,28 @@ def test_check_gauges(served: Served) -> None:
         assert 0 <= duration < 0.5 + 0.5, check
 
 
+def test_alerting_gauges_and_status_changes(served: Served) -> None:
+    samples = scrape_until(served.metrics_port, settled, "the checks to settle")
+    serving = "petsage_grpc_check_serving"
+    assert value(samples, serving, check="up", critical="true") == 1.0
+    assert value(samples, serving, check="down", critical="false") == 0.0
+    for check in ("up", "down"):
+        assert value(samples, "petsage_grpc_check_timeout_seconds", check=check) == 0.5
+    # "up" went SERVING once; "down" never left NOT_SERVING.
+    changes = "petsage_grpc_check_status_changes_total"
+    assert value(samples, changes, check="up") == 1.0
+    assert value(samples, changes, check="down") == 0.0
+
+
+def test_event_loop_lag_and_stalls(served: Served) -> None:
+    samples = scrape(served.metrics_port)
+    lag = value(samples, "petsage_grpc_event_loop_lag_seconds")
+    assert lag is not None
+    assert lag >= 0
+    # A counter: exposed with _total, as Prometheus expects.
+    assert value(samples, "petsage_grpc_event_loop_stalls_total") == 0.0
+
+
 def test_rpcs_are_counted_by_method_and_code(
     served: Served, health: health_pb2_grpc.HealthStub
 ) -> None:

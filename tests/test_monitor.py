@@ -613,6 +613,134 @@ def test_startup_waits_for_every_critical_first_attempt_then_serves_even_if_it_f
     run(main)
 
 
+# -- reconfigure --------------------------------------------------------------------
+
+
+class ReadinessSeen:
+    """An async check that notes, at each call, what readiness reports (then answers *healthy*).
+
+    Call k therefore sees readiness as judged on attempts 1 .. k-1, exactly.
+    """
+
+    def __init__(self, board: StatusBoard, *, healthy: bool) -> None:
+        self.board = board
+        self.healthy = healthy
+        self.seen: list[ServingStatus | None] = []
+
+    async def call(self) -> bool:
+        self.seen.append(self.board.get(READINESS))
+        return self.healthy
+
+
+async def serving_monitor(board: StatusBoard, checks: Sequence[Check]) -> HealthMonitor:
+    monitor = HealthMonitor(board, checks)
+    await monitor.start()
+    await eventually(
+        lambda: all(board.get(n) is SERVING for n in (*AGGREGATES, STARTUP)), "a serving pod"
+    )
+    return monitor
+
+
+def test_reload_adding_a_healthy_critical_check_moves_no_aggregate() -> None:
+    async def main() -> None:
+        board = StatusBoard()
+        db, late = Toggle(healthy=True), Toggle(healthy=True)
+        base = make_check("db", kind="python", target=db.call)
+        monitor = await serving_monitor(board, [base])
+        try:
+            watched = [await start_watching(board, n) for n in (*AGGREGATES, STARTUP)]
+            added = make_check("late", kind="python", target=late.call, initial_delay=0.3)
+            changes = await monitor.reconfigure([base, added])
+            assert changes.added == ("late",)
+            # Its own name is registered at once, NOT_SERVING as at start-up.
+            assert board.get("check.late") is NOT_SERVING
+            await eventually(lambda: board.get("check.late") is SERVING, "the new check")
+            for seen, task in watched:
+                task.cancel()
+                assert seen == [SERVING]
+            assert late.calls >= 1
+        finally:
+            await monitor.stop()
+
+    run(main)
+
+
+def test_reload_added_failing_check_counts_after_its_failure_threshold() -> None:
+    async def main() -> None:
+        board = StatusBoard()
+        db = Toggle(healthy=True)
+        base = make_check("db", kind="python", target=db.call)
+        monitor = await serving_monitor(board, [base])
+        try:
+            broken = ReadinessSeen(board, healthy=False)
+            added = make_check("broken", kind="python", target=broken.call, failure_threshold=3)
+            await monitor.reconfigure([base, added])
+            await eventually(lambda: len(broken.seen) >= 4, "four attempts")
+            # Attempts 1-3 failed; only the third makes a verdict that readiness follows.
+            assert broken.seen[:4] == [SERVING, SERVING, SERVING, NOT_SERVING]
+            assert board.get("check.broken") is NOT_SERVING
+            assert all(board.get(n) is NOT_SERVING for n in AGGREGATES)
+            assert board.get(STARTUP) is SERVING
+        finally:
+            await monitor.stop()
+
+    run(main)
+
+
+def test_reload_removing_a_failing_critical_check_restores_readiness_at_once() -> None:
+    async def main() -> None:
+        board = StatusBoard()
+        db, bad = Toggle(healthy=True), Toggle(healthy=False)
+        base = make_check("db", kind="python", target=db.call)
+        failing = make_check("bad", kind="python", target=bad.call)
+        async with HealthMonitor(board, [base, failing]) as monitor:
+            await eventually(lambda: board.get(READINESS) is NOT_SERVING and bad.calls > 0, "bad")
+            await eventually(lambda: board.get(STARTUP) is SERVING, "startup")
+            changes = await monitor.reconfigure([base])
+            assert changes.removed == ("bad",)
+            # No attempt of any check is needed: the file no longer asks for "bad".
+            assert board.get("check.bad") is None
+            for name in AGGREGATES:
+                assert board.get(name) is SERVING, name
+
+    run(main)
+
+
+def test_reload_changing_a_check_keeps_its_status_until_its_thresholds_move_it() -> None:
+    async def main() -> None:
+        board = StatusBoard()
+        up, down = ReadinessSeen(board, healthy=True), ReadinessSeen(board, healthy=False)
+        before = make_check("db", kind="python", target=up.call)
+        monitor = await serving_monitor(board, [before])
+        try:
+            after = make_check("db", kind="python", target=down.call, failure_threshold=2)
+            changes = await monitor.reconfigure([after])
+            assert changes.changed == ("db",)
+            assert board.get("check.db") is SERVING
+            await eventually(lambda: len(down.seen) >= 3, "three attempts on the new target")
+            assert down.seen[:3] == [SERVING, SERVING, NOT_SERVING]
+            assert board.get("check.db") is NOT_SERVING
+        finally:
+            await monitor.stop()
+
+    run(main)
+
+
+def test_reload_before_startup_adds_a_check_that_holds_startup_back() -> None:
+    async def main() -> None:
+        board = StatusBoard()
+        db, new = Toggle(healthy=True), Toggle(healthy=True)
+        base = make_check("db", kind="python", target=db.call, initial_delay=60)
+        async with HealthMonitor(board, [base]) as monitor:
+            assert board.get(STARTUP) is NOT_SERVING
+            added = make_check("new", kind="python", target=new.call, initial_delay=60)
+            await monitor.reconfigure([base, added])
+            assert board.get(STARTUP) is NOT_SERVING
+            assert all(board.get(n) is NOT_SERVING for n in AGGREGATES)
+
+    run(main)
+
+
 # -- lifecycle ----------------------------------------------------------------------
 
 

@@ -10,9 +10,12 @@ exit 0 SERVING, 1 invalid arguments, 2 connection failed or timed out, 3 RPC fai
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gzip
 import json
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -24,6 +27,9 @@ from pathlib import Path
 from typing import Any, Final
 
 import grpc
+import h2.config
+import h2.connection
+import h2.events
 import pytest
 from conftest import ROOT, InProcessServer
 
@@ -862,6 +868,387 @@ def test_mismatched_client_key_pair_exits_1(aio_servers: AioServers, pki: Pki) -
     assert "failed to initialize tls credentials" in run.stderr
 
 
+# -- grpc-js servers (a second gRPC implementation), plaintext and TLS --------------------
+
+NODE: Final = shutil.which("node")
+NODE_SERVER: Final = ROOT / "tests" / "interop" / "health_server.js"
+_NODE_MISSING: Final = (
+    NODE is None or not (ROOT / "node_modules" / "@grpc" / "grpc-js" / "package.json").is_file()
+)
+
+
+@pytest.fixture
+def grpc_js(pki: Pki) -> Iterator[Callable[[bool], int]]:
+    """Start grpc-js health servers (TLS: the test PKI's server certificate); return ports."""
+    if _NODE_MISSING:
+        pytest.skip("node or node_modules/@grpc/grpc-js missing: run npm ci")
+    assert NODE is not None
+    started: list[subprocess.Popen[str]] = []
+
+    def start(tls: bool) -> int:
+        tls_args = [str(pki.server_cert), str(pki.server_key)] if tls else []
+        process = subprocess.Popen(
+            [NODE, str(NODE_SERVER), *tls_args],
+            stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            cwd=ROOT,
+        )
+        started.append(process)
+        assert process.stdout is not None
+        line = process.stdout.readline()  # bounded: the server prints it or exits
+        assert line.startswith("serving on 127.0.0.1:"), f"grpc-js server: {line!r}"
+        return int(line.rsplit(":", 1)[1])
+
+    yield start
+    for process in started:
+        process.terminate()
+        process.wait(10)
+
+
+_GRPC_JS_CASES: Final = [
+    pytest.param([], 0, "status: SERVING", id="serving"),
+    pytest.param([f"-service={LIVENESS}"], 0, "status: SERVING", id="liveness"),
+    pytest.param(
+        [f"-service={READINESS}"],
+        4,
+        'service unhealthy (responded with "NOT_SERVING")',
+        id="not-serving",
+    ),
+    pytest.param(
+        ["-service=petsage.v1.Nope"],
+        3,
+        "error: health rpc failed: rpc error: code = NotFound",
+        id="unknown-service",
+    ),
+    pytest.param(["-gzip"], 0, "status: SERVING", id="gzip"),
+]
+
+
+@pytest.mark.parametrize(("args", "code", "line"), _GRPC_JS_CASES)
+@pytest.mark.parametrize("security", ["plaintext", "tls", "tls-no-verify"])
+def test_against_grpc_js(
+    args: list[str],
+    code: int,
+    line: str,
+    *,
+    security: str,
+    grpc_js: Callable[[bool], int],
+    pki: Pki,
+) -> None:
+    port = grpc_js(security != "plaintext")
+    tls_args = {
+        "plaintext": [],
+        "tls": ["-tls", f"-tls-ca-cert={pki.ca}", f"-tls-server-name={SERVER_NAME}"],
+        "tls-no-verify": ["-tls", "-tls-no-verify"],
+    }[security]
+    run = probe(f"-addr=127.0.0.1:{port}", "-connect-timeout=5s", *tls_args, *args)
+    assert run.code == code, run.stderr
+    assert any(printed.startswith(line) for printed in run.lines), run.stderr
+
+
+def test_grpc_js_tls_mismatch_exits_2(grpc_js: Callable[[bool], int], pki: Pki) -> None:
+    tls_port, plain_port = grpc_js(True), grpc_js(False)
+    untrusted = probe(f"-addr=127.0.0.1:{tls_port}", FAST_FAIL, "-tls")
+    plaintext_to_tls = probe(f"-addr=127.0.0.1:{tls_port}", FAST_FAIL)
+    tls_to_plaintext = probe(
+        f"-addr=127.0.0.1:{plain_port}", FAST_FAIL, "-tls", f"-tls-ca-cert={pki.ca}"
+    )
+    for run in (untrusted, plaintext_to_tls, tls_to_plaintext):
+        assert run.code == 2, run.stderr
+        assert "timeout: failed to connect service" in run.stderr
+
+
+# -- servers that answer oddly: HTTP/1, HTTP/2 that is not gRPC, resets, GOAWAY --------------
+
+Answer = Callable[[Any, int], None]
+"""Answers a request on a server-side h2 connection: (connection, stream id)."""
+
+
+class OddServer:
+    """A loopback server speaking raw HTTP/2 (h2, server side) or raw bytes, one thread."""
+
+    def __init__(self, answer: Answer | None = None, *, raw: bytes | None = None) -> None:
+        self._answer, self._raw = answer, raw
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.2)
+        self.port: int = self._listener.getsockname()[1]
+        self.requests: list[dict[bytes, bytes]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="odd-server", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self._listener.close()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                sock, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            with sock:
+                sock.settimeout(5)
+                with contextlib.suppress(OSError):  # the probe hung up: the next one may come
+                    self._one(sock)
+
+    def _one(self, sock: socket.socket) -> None:
+        if self._raw is not None:
+            sock.recv(65536)
+            sock.sendall(self._raw)
+            return
+        assert self._answer is not None
+        conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=False, header_encoding=None)
+        )
+        conn.initiate_connection()
+        sock.sendall(conn.data_to_send())
+        headers: dict[bytes, bytes] = {}
+        while data := sock.recv(65536):
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.RequestReceived):
+                    headers = dict(event.headers or ())
+                elif isinstance(event, h2.events.StreamEnded):
+                    self.requests.append(headers)
+                    self._answer(conn, event.stream_id)
+            sock.sendall(conn.data_to_send())
+
+
+@pytest.fixture
+def odd_server() -> Iterator[Callable[..., OddServer]]:
+    servers: list[OddServer] = []
+
+    def start(answer: Answer | None = None, *, raw: bytes | None = None) -> OddServer:
+        servers.append(OddServer(answer, raw=raw))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+_GRPC_HEADERS: Final = [(b":status", b"200"), (b"content-type", b"application/grpc")]
+
+
+def _grpc_message(payload: bytes, *, compressed: bool = False) -> bytes:
+    return struct.pack(">BI", int(compressed), len(payload)) + payload
+
+
+def _answer_ok(*messages: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> Answer:
+    def answer(conn: Any, stream: int) -> None:
+        conn.send_headers(stream, headers or _GRPC_HEADERS)
+        for message in messages:
+            conn.send_data(stream, message)
+        conn.send_headers(stream, [(b"grpc-status", b"0")], end_stream=True)
+
+    return answer
+
+
+def _trailers_only(status: int, message: str) -> Answer:
+    def answer(conn: Any, stream: int) -> None:
+        conn.send_headers(
+            stream,
+            [*_GRPC_HEADERS, (b"grpc-status", str(status).encode()), (b"grpc-message", message)],
+            end_stream=True,
+        )
+
+    return answer
+
+
+def _ping_first(conn: Any, stream: int) -> None:
+    conn.ping(b"petsage!")  # the probe must acknowledge it and still read the answer
+    _answer_ok(_grpc_message(SERVING_MESSAGE))(conn, stream)
+
+
+def _not_grpc(conn: Any, stream: int) -> None:
+    conn.send_headers(stream, [(b":status", b"404"), (b"content-type", b"text/html")])
+    conn.send_data(stream, b"<html>not found</html>", end_stream=True)
+
+
+def _reset(conn: Any, stream: int) -> None:
+    conn.reset_stream(stream, 7)  # REFUSED_STREAM
+
+
+def _goaway(conn: Any, stream: int) -> None:
+    conn.close_connection(error_code=0, last_stream_id=0)  # NO_ERROR, but not this stream
+
+
+SERVING_MESSAGE: Final = b"\x08\x01"
+"""HealthCheckResponse{status: SERVING} on the wire."""
+
+
+@pytest.mark.parametrize(
+    ("answer", "code", "line"),
+    [
+        pytest.param(_answer_ok(_grpc_message(SERVING_MESSAGE)), 0, "status: SERVING", id="ok"),
+        pytest.param(
+            _answer_ok(_grpc_message(b"\x08\x01\x12\x03new\x18\x05")),
+            0,
+            "status: SERVING",
+            id="unknown-fields-skipped",
+        ),
+        pytest.param(
+            _answer_ok(_grpc_message(b"\x08\x07")),
+            4,
+            'service unhealthy (responded with "7")',
+            id="unknown-enum-value",
+        ),
+        pytest.param(
+            _answer_ok(_grpc_message(b"")),
+            4,
+            'service unhealthy (responded with "UNKNOWN")',
+            id="empty-message-is-unknown",
+        ),
+        pytest.param(
+            _trailers_only(5, "unknown%20service"),
+            3,
+            "error: health rpc failed: rpc error: code = NotFound desc = unknown service",
+            id="trailers-only",
+        ),
+        pytest.param(
+            _trailers_only(5, "x" * 40_000),  # h2 splits it: HEADERS + CONTINUATION frames
+            3,
+            "error: health rpc failed: rpc error: code = NotFound desc = xxxxxxxx",
+            id="header-block-in-continuation-frames",
+        ),
+        pytest.param(_ping_first, 0, "status: SERVING", id="ping-before-the-answer"),
+        pytest.param(
+            _trailers_only(16, "no token"),
+            3,
+            "error: health rpc failed: rpc error: code = Unauthenticated desc = no token",
+            id="unauthenticated",
+        ),
+        pytest.param(
+            _not_grpc,
+            3,
+            "error: this server does not implement the grpc health protocol",
+            id="http2-not-grpc",
+        ),
+        pytest.param(
+            _reset, 3, "error: health rpc failed: rpc error: code = Unavailable", id="rst"
+        ),
+        pytest.param(
+            _goaway, 3, "error: health rpc failed: rpc error: code = Unavailable", id="goaway"
+        ),
+        pytest.param(
+            _answer_ok(_grpc_message(SERVING_MESSAGE), _grpc_message(SERVING_MESSAGE)),
+            3,
+            "error: health rpc failed: rpc error: code = Internal",
+            id="two-messages",
+        ),
+        pytest.param(
+            _answer_ok(),
+            3,
+            "error: health rpc failed: rpc error: code = Internal",
+            id="no-message",
+        ),
+        pytest.param(
+            _answer_ok(_grpc_message(b"\x08")),
+            3,
+            "error: health rpc failed: rpc error: code = Internal",
+            id="truncated-message",
+        ),
+        pytest.param(
+            _answer_ok(_grpc_message(gzip.compress(SERVING_MESSAGE), compressed=True)),
+            3,
+            "error: health rpc failed: rpc error: code = Internal",
+            id="compressed-without-grpc-encoding",
+        ),
+        pytest.param(
+            _answer_ok(
+                _grpc_message(gzip.compress(SERVING_MESSAGE), compressed=True),
+                headers=[*_GRPC_HEADERS, (b"grpc-encoding", b"gzip")],
+            ),
+            0,
+            "status: SERVING",
+            id="gzip-answer",
+        ),
+    ],
+)
+def test_odd_http2_answers(
+    answer: Answer, code: int, line: str, odd_server: Callable[..., OddServer]
+) -> None:
+    server = odd_server(answer)
+    run = probe(f"-addr=127.0.0.1:{server.port}", "-gzip")
+    assert run.code == code, run.stderr
+    assert any(printed.startswith(line) for printed in run.lines), run.stderr
+
+
+def test_the_request_is_grpc_over_http2(odd_server: Callable[..., OddServer]) -> None:
+    server = odd_server(_answer_ok(_grpc_message(SERVING_MESSAGE)))
+    run = probe(f"-addr=127.0.0.1:{server.port}", "-service=readiness", "-rpc-timeout=2s", "-gzip")
+    assert run.code == 0, run.stderr
+    (request,) = server.requests
+    assert request[b":method"] == b"POST"
+    assert request[b":path"] == b"/grpc.health.v1.Health/Check"
+    assert request[b":authority"] == f"127.0.0.1:{server.port}".encode()
+    assert request[b"content-type"] == b"application/grpc"
+    assert request[b"te"] == b"trailers"
+    assert request[b"grpc-timeout"] == b"2000m"
+    assert request[b"grpc-encoding"] == b"gzip"
+    assert request[b"user-agent"] == b"grpc_health_probe"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n", id="http1"),
+        pytest.param(b"", id="closes-at-once"),
+    ],
+)
+def test_servers_that_do_not_speak_http2_exit_2(
+    raw: bytes, odd_server: Callable[..., OddServer]
+) -> None:
+    server = odd_server(raw=raw)
+    run = probe(f"-addr=127.0.0.1:{server.port}", FAST_FAIL)
+    assert run.code == 2, run.stderr
+    assert f'timeout: failed to connect service "127.0.0.1:{server.port}" within 300ms' in (
+        run.lines
+    )
+
+
+def test_silent_server_exits_2(dead_port: int) -> None:
+    # Accepts the TCP connection (the backlog does) but never says a word of HTTP/2.
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        port = silent.getsockname()[1]
+        run = probe(f"-addr=127.0.0.1:{port}", FAST_FAIL)
+    assert run.code == 2, run.stderr
+
+
+class RefusingInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses every call whose authorization header is not the expected one."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        if metadata.get("authorization") == "Bearer right":
+            return await continuation(handler_call_details)
+
+        async def refuse(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "bad token")
+
+        return grpc.unary_unary_rpc_method_handler(refuse)
+
+
+def test_refused_auth_header_exits_3(aio_servers: AioServers) -> None:
+    port = aio_servers.start(petsage_on_loopback, interceptors=(RefusingInterceptor(),))
+    refused = probe(f"-addr=127.0.0.1:{port}", "-rpc-header=authorization: Bearer wrong")
+    accepted = probe(f"-addr=127.0.0.1:{port}", "-rpc-header=authorization: Bearer right")
+    assert refused.code == 3, refused.stderr
+    assert (
+        "error: health rpc failed: rpc error: code = Unauthenticated desc = bad token"
+        in refused.lines
+    )
+    assert accepted.code == 0, accepted.stderr
+
+
 # -- Go durations -----------------------------------------------------------------------
 
 
@@ -965,28 +1352,55 @@ def test_probe_with_bad_arguments_loads_no_grpc() -> None:
     assert not set(_SERVER_MODULES) & set(result["after"])
 
 
-def test_probe_loads_no_server_code(dead_port: int) -> None:
-    argv = ["probe", f"-addr=127.0.0.1:{dead_port}", "-connect-timeout=50ms"]
-    result = _modules_after(_PROBE_IN_PROCESS.format(argv=argv))
-    # The same interpreter with nothing but grpc and the health messages imported.
-    baseline = _modules_after(
-        "import json, sys, grpc\n"
-        "from grpc_health.v1 import health_pb2\n"
-        "print(json.dumps({'after': sorted(sys.modules)}))"
-    )
+_NOT_FOR_THE_PROBE: Final = (
+    "grpc",
+    "grpc_health",
+    "grpc_reflection",
+    "google.protobuf",
+    "aiohttp",
+    "asyncio",
+    "argparse",
+    "h2",
+    "dataclasses",
+    "inspect",
+)
+"""Heavy packages a Check over one HTTP/2 connection does not need (h2's state machine
+and the dataclasses it is built on cost more than the whole probe)."""
 
-    assert result["code"] == 2
-    loaded = set(result["after"])
-    assert not set(_SERVER_MODULES) & loaded
-    # grpcio's own grpc/__init__.py imports grpc.aio (and the grpc_health and
-    # grpc_reflection packages when installed), so "grpc.aio" is in sys.modules in any
-    # grpc client; beyond that, the probe must load no asyncio gRPC and no other health
-    # or reflection code.
-    assert "grpc.aio" in baseline["after"]
-    extra = {
+
+def _heavy(loaded: set[str]) -> set[str]:
+    return {
         name
-        for name in loaded - set(baseline["after"])
-        if name.startswith(("grpc.aio", "grpc_health", "grpc_reflection"))
+        for name in loaded
+        if name.startswith(_SERVER_MODULES)
+        or any(name == top or name.startswith(f"{top}.") for top in _NOT_FOR_THE_PROBE)
     }
-    assert not extra, extra
+
+
+@pytest.mark.parametrize(
+    "target",
+    [pytest.param("serving", id="serving"), pytest.param("dead", id="no-server")],
+)
+def test_probe_loads_no_grpc_and_no_server_code(
+    target: str, server: InProcessServer, dead_port: int
+) -> None:
+    port = server.port if target == "serving" else dead_port
+    argv = ["probe", f"-addr=127.0.0.1:{port}", "-connect-timeout=50ms", "-gzip"]
+    # The console script's path: petsage_grpc.__main__, then cli._main.
+    code = _PROBE_IN_PROCESS.replace("petsage_grpc.cli._main", "petsage_grpc.__main__")
+    result = _modules_after(code.format(argv=argv))
+
+    assert result["code"] == (0 if target == "serving" else 2)
+    loaded = set(result["after"])
     assert "petsage_grpc.cli._probe" in loaded
+    assert {"hpack", "hyperframe.frame"} <= loaded
+    assert not _heavy(loaded), sorted(_heavy(loaded))
+
+
+def test_tls_probe_loads_no_grpc(tls_port: int) -> None:
+    argv = ["probe", f"-addr=127.0.0.1:{tls_port}", "-tls", "-tls-no-verify"]
+    result = _modules_after(_PROBE_IN_PROCESS.format(argv=argv))
+    assert result["code"] == 0
+    loaded = set(result["after"])
+    assert "ssl" in loaded
+    assert not _heavy(loaded), sorted(_heavy(loaded))

@@ -358,7 +358,7 @@ def test_config_poll_picks_up_an_edit_without_sighup(
     assert server.process.poll() is None
 
 
-def test_startup_stays_serving_when_a_reload_adds_a_critical_check(
+def test_a_reload_that_adds_a_critical_check_takes_no_serving_pod_out(
     tmp_path: Path,
     spawn_server: SpawnServer,
     health_client: Callable[[str], Health],
@@ -367,29 +367,36 @@ def test_startup_stays_serving_when_a_reload_adds_a_critical_check(
 ) -> None:
     dependency = listeners()
     config = tmp_path / "petsage.toml"
-    replace_file(config, check_table("base", dependency.address))
+    base = check_table("base", dependency.address)
+    replace_file(config, base)
     server = spawn_server("--config", str(config))
     health = health_client(server.address)
-    health.wait_for("startup", SERVING)
-    health.wait_for("readiness", SERVING)
-    startup = watches(health, "startup")
-    assert startup.wait_for_count(1) == [SERVING]
+    aggregates = ("readiness", "", "petsage.v1.SmokeTestService", "startup")
+    for name in aggregates:
+        health.wait_for(name, SERVING)
+    watched = [watches(health, name) for name in aggregates]
+    for recorder in watched:
+        assert recorder.wait_for_count(1) == [SERVING]
 
-    startup_drops = log_count(server, "'startup': SERVING -> NOT_SERVING")  # once, at start
-    # The new critical check has not finished (not even started) its first attempt.
+    drops = log_count(server, "'readiness': SERVING -> NOT_SERVING")  # at start-up
+    # A healthy check whose first attempt is a second away, and one an hour away.
     replace_file(
         config,
-        check_table("base", dependency.address)
-        + check_table("late", dependency.address, initial_delay="10m"),
+        base
+        + check_table("soon", dependency.address, initial_delay="1s")
+        + check_table("late", dependency.address, initial_delay="1h"),
     )
     server.signal(signal.SIGHUP)
-    assert "added late" in wait_for_log(server, "configuration reloaded")
-    health.wait_for("check.late", NOT_SERVING)
-    health.wait_for("readiness", NOT_SERVING)  # readiness does follow the new check
-    assert health.status("startup") == SERVING
-    assert startup.snapshot() == [SERVING]
-    assert startup.ended is None
-    assert log_count(server, "'startup': SERVING -> NOT_SERVING") == startup_drops
+    assert "added soon, late" in wait_for_log(server, "configuration reloaded")
+    assert health.status("check.late") == NOT_SERVING  # no answer yet: as at start-up
+    health.wait_for("check.soon", SERVING)
+    for name in aggregates:
+        assert health.status(name) == SERVING, name
+    for recorder in watched:
+        assert recorder.snapshot() == [SERVING], recorder.service
+        assert recorder.ended is None
+    assert log_count(server, "'readiness': SERVING -> NOT_SERVING") == drops
+    assert server.process.poll() is None
 
 
 def test_sighup_without_a_configuration_file_is_harmless(

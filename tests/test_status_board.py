@@ -6,6 +6,7 @@ import asyncio
 import gc
 import itertools
 import threading
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -20,6 +21,7 @@ from petsage_grpc import (
     ServingStatus,
     StatusBoard,
 )
+from petsage_grpc.board._status import HISTORY_LENGTH
 
 T = TypeVar("T")
 
@@ -724,3 +726,93 @@ def test_a_large_wake_restores_the_applications_thresholds_and_disabled_collecto
     finally:
         gc.set_threshold(*original)
         gc.enable()
+
+
+# --- transition history ---------------------------------------------------------------
+
+
+def test_history_records_reported_changes_with_times_and_is_bounded() -> None:
+    before = time.time()
+    board = StatusBoard()
+    (registered,) = board.history(READINESS)
+    assert registered.status is ServingStatus.SERVING
+    assert before <= registered.at <= time.time()
+    board.set("db", ServingStatus.NOT_SERVING)
+    board.set("db", ServingStatus.NOT_SERVING)  # no change, no entry
+    board.set("db", ServingStatus.SERVING)
+    assert [t.status for t in board.history("db")] == [
+        ServingStatus.NOT_SERVING,
+        ServingStatus.SERVING,
+    ]
+    board.drain()  # what is reported changes, so the history shows it
+    assert board.history("db")[-1].status is ServingStatus.NOT_SERVING
+    board.resume()
+    for flip in range(HISTORY_LENGTH * 2):
+        board.set("db", ServingStatus.SERVING if flip % 2 else ServingStatus.NOT_SERVING)
+    history = board.history("db")
+    assert len(history) == HISTORY_LENGTH
+    assert history[-1].status is ServingStatus.SERVING
+    assert all(a.at <= b.at for a, b in itertools.pairwise(history))
+    board.clear("db")
+    assert board.history("db") == ()
+    assert board.history("never-set") == ()
+
+
+# -- shedding load and thread watchers ---------------------------------------------------
+
+
+def test_shed_load_reports_readiness_and_overall_only_and_remembers_sets() -> None:
+    board = StatusBoard({"check.db": SERVING, "petsage.v1.Orders": SERVING})
+    board.shed_load(True)
+    assert board.shedding
+    assert board.get(READINESS) is NOT_SERVING
+    assert board.get(OVERALL) is NOT_SERVING
+    for name in (LIVENESS, STARTUP, SMOKE_TEST_SERVICE, "check.db", "petsage.v1.Orders"):
+        assert board.get(name) is SERVING, name
+    board.set(READINESS, NOT_SERVING)  # e.g. a check failed meanwhile
+    board.shed_load(False)
+    assert board.get(READINESS) is NOT_SERVING
+    assert board.get(OVERALL) is SERVING
+
+
+def test_shed_load_and_drain_are_independent() -> None:
+    board = StatusBoard()
+    board.shed_load(True)
+    board.drain()
+    board.shed_load(False)
+    assert board.get(READINESS) is NOT_SERVING  # still draining
+    board.shed_load(True)
+    board.resume()
+    assert board.get(READINESS) is NOT_SERVING  # still shedding
+    board.shed_load(False)
+    assert board.get(READINESS) is SERVING
+
+
+def test_thread_watcher_sees_changes_made_on_another_thread_and_stops() -> None:
+    board = StatusBoard()
+    watcher = board.subscribe_thread(READINESS)
+    assert watcher is not None
+    seen: list[ServingStatus | None] = []
+
+    def follow() -> None:
+        status: ServingStatus | None = None
+        while (status := watcher.next(status)) is not None:
+            seen.append(status)
+        seen.append(None)
+
+    reader = threading.Thread(target=follow)
+    reader.start()
+
+    async def writer() -> None:  # a change made on an event loop's thread
+        board.set(READINESS, NOT_SERVING)
+
+    run(writer())
+    for _ in range(500):  # bounded wait for the reader to see it
+        if len(seen) >= 2:
+            break
+        threading.Event().wait(0.01)
+    watcher.stop()
+    reader.join(STEP_TIMEOUT)
+    board.unsubscribe(READINESS, watcher)
+    assert seen == [SERVING, NOT_SERVING, None]
+    assert board.watcher_count == 0

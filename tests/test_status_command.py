@@ -406,3 +406,82 @@ def test_watch_picks_up_names_added_by_a_reload(
 
     watching.process.send_signal(signal.SIGTERM)
     assert watching.process.wait(RUN_TIMEOUT) == 0
+
+
+def test_event_loop_lag_is_shown_when_the_heartbeat_runs(spawn_server: SpawnServer) -> None:
+    server = spawn_server("--probe-port", str(free_port()))
+    run = run_status("--addr", server.address)
+    assert run.code == 0, run
+    lines = run.stdout.splitlines()
+    assert lines[-2] == SMOKE_OK_LINE
+    assert re.fullmatch(r"event loop lag: \d+ ms", lines[-1]), lines[-1]
+    answer = json.loads(run_status("--addr", server.address, "--json").stdout)
+    assert answer["smoke_test"]["event_loop_lag_seconds"] >= 0
+    # A server without the heartbeat (no probe port, no HTTP port) reports none.
+    plain = spawn_server()
+    assert (
+        "event_loop_lag_seconds"
+        not in json.loads(run_status("--addr", plain.address, "--json").stdout)["smoke_test"]
+    )
+
+
+# --- --watch when the server goes away -------------------------------------------------------
+
+QUICK_STOP: Final = ("--drain-seconds", "0", "--grace-seconds", "0")
+STAMP: Final = r"^\d{4}-\d\d-\d\dT\S+ "
+
+
+def test_watch_says_when_the_server_is_gone_how_long_and_when_it_is_back(
+    spawn_server: SpawnServer, watch_status: Callable[..., Watching]
+) -> None:
+    port = free_port()
+    server = spawn_server("--port", str(port), *QUICK_STOP)
+    wait_for(server.address, "readiness", "SERVING")
+    watching = watch_status("--addr", server.address)
+    watching.expect(r"^smoke test: ok: ")
+
+    server.signal(signal.SIGTERM)
+    assert server.wait() == 0
+    watching.expect(STAMP + r"connection lost \(UNAVAILABLE\)$")
+    # Left down: a reminder says for how long, and the command keeps going.
+    watching.expect(STAMP + r"still unreachable after 1\ds$", within=WAIT + 10)
+    assert watching.process.poll() is None
+
+    restarted = spawn_server("--port", str(port), *QUICK_STOP)
+    wait_for(restarted.address, "readiness", "SERVING")
+    line = watching.expect(STAMP + r"connection back after \d+s$")
+    back_after = int(line.rsplit(" ", 1)[1].removesuffix("s"))
+    assert back_after >= 10, line
+    assert len([seen for seen in watching.seen if "connection lost" in seen]) == 1
+
+    watching.process.send_signal(signal.SIGINT)
+    assert watching.process.wait(RUN_TIMEOUT) in {0, 4}
+
+
+def test_watch_json_reports_the_loss_as_an_event(
+    spawn_server: SpawnServer, watch_status: Callable[..., Watching]
+) -> None:
+    server = spawn_server(*QUICK_STOP)
+    watching = watch_status("--addr", server.address, "--json")
+    watching.expect(r"^}$")
+    server.process.kill()
+    event = json.loads(watching.expect(r'"event": "connection_lost"'))
+    assert event["reason"] == "UNAVAILABLE"
+    assert re.match(STAMP.removesuffix(" ") + "$", event["time"]), event
+
+
+def test_watch_exit_on_loss_exits_5(
+    spawn_server: SpawnServer, watch_status: Callable[..., Watching]
+) -> None:
+    server = spawn_server(*QUICK_STOP)
+    watching = watch_status("--addr", server.address, "--exit-on-loss")
+    watching.expect(r"^smoke test: ok: ")
+    server.process.kill()
+    watching.expect(STAMP + r"connection lost \(UNAVAILABLE\)$")
+    assert watching.process.wait(RUN_TIMEOUT) == 5
+
+
+def test_exit_on_loss_needs_watch() -> None:
+    run = run_status("--exit-on-loss")
+    assert run.code == 1, run
+    assert "--exit-on-loss needs --watch" in run.stderr

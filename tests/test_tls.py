@@ -13,6 +13,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -470,6 +471,77 @@ def test_rotated_certificate_is_served_to_new_connections_without_a_restart(
     wait_until(lambda: "certificate files reloaded" in server.log(), "the reload to be logged")
 
 
+def unusable_warnings(server: ServerProcess, live: Pair) -> int:
+    return sum(
+        "WARNING" in line and "cannot be used" in line and str(live.cert) in line
+        for line in server.log().splitlines()
+    )
+
+
+def same_size_copies(pairs: list[Pair], directory: Path) -> list[Pair]:
+    """Copies of *pairs* whose certificate files (and key files) are all of one size.
+
+    PEM readers skip text after the last block, so trailing newlines pad them.
+    """
+    directory.mkdir()
+    cert_size = max(pair.cert.stat().st_size for pair in pairs)
+    key_size = max(pair.key.stat().st_size for pair in pairs)
+    copies = []
+    for index, pair in enumerate(pairs):
+        copy = Pair(cert=directory / f"{index}.crt", key=directory / f"{index}.key")
+        for source, destination, size in (
+            (pair.cert, copy.cert, cert_size),
+            (pair.key, copy.key, key_size),
+        ):
+            data = source.read_bytes()
+            destination.write_bytes(data + b"\n" * (size - len(data)))
+        copies.append(copy)
+    return copies
+
+
+def keep_times(path: Path, write: Callable[[], None]) -> None:
+    """Run *write*, which replaces *path*, then give *path* its old times back (as ``cp -p``)."""
+    before = path.stat()
+    write()
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+@pytest.mark.parametrize("how", ["renamed-over", "rewritten-in-place"])
+def test_replacement_of_the_same_size_and_mtime_is_served(
+    spawn_server: SpawnServer, pki: Pki, tmp_path: Path, how: str
+) -> None:
+    old, new = same_size_copies([pki.rotation_a, pki.rotation_b], tmp_path / "padded")
+    live = Pair(cert=tmp_path / "tls.crt", key=tmp_path / "tls.key")
+    shutil.copyfile(old.cert, live.cert)
+    shutil.copyfile(old.key, live.key)
+    server = spawn_server("--tls-cert", str(live.cert), "--tls-key", str(live.key))
+    assert peer_certificate(server.port, pki.ca)["CN"] == "rotation-a"
+
+    for source, destination in ((new.cert, live.cert), (new.key, live.key)):
+        if how == "renamed-over":  # rsync -a, or touch -r old new && mv new old
+            replacement = destination.with_name(destination.name + ".new")
+            shutil.copyfile(source, replacement)
+            keep_times(destination, lambda: os.replace(replacement, destination))  # noqa: B023
+        else:  # cp -p onto the file: same inode
+            inode = destination.stat().st_ino
+            keep_times(destination, lambda: rewrite(destination, source.read_bytes()))  # noqa: B023
+            assert destination.stat().st_ino == inode
+        assert destination.stat().st_size == source.stat().st_size
+
+    wait_until(
+        lambda: peer_certificate(server.port, pki.ca)["CN"] == "rotation-b",
+        "a new connection to present rotation-b",
+    )
+    wait_until(lambda: "certificate files reloaded" in server.log(), "the reload to be logged")
+    assert server.process.poll() is None
+
+
+def rewrite(path: Path, data: bytes) -> None:
+    with path.open("r+b") as file:
+        file.write(data)
+        file.truncate()
+
+
 def test_broken_replacement_keeps_serving_the_old_certificate(
     spawn_server: SpawnServer, pki: Pki, live: Pair
 ) -> None:
@@ -482,18 +554,23 @@ def test_broken_replacement_keeps_serving_the_old_certificate(
         assert peer_certificate(server.port, pki.ca) == {"CN": "rotation-a", "serial": "A1"}
     with secure(server.port, pki) as channel:
         assert check_status(channel) is ServingStatus.SERVING
-    wait_until(
-        lambda: any(
-            "WARNING" in line and "cannot be used" in line and str(live.cert) in line
-            for line in server.log().splitlines()
-        ),
-        "a warning naming the unusable files",
-    )
+    wait_until(lambda: unusable_warnings(server, live) == 1, "a warning naming the unusable files")
     assert "certificate files reloaded" not in server.log()
+    # Once per bad pair, not once per handshake.
+    for _ in range(6):
+        assert peer_certificate(server.port, pki.ca)["CN"] == "rotation-a"
+    assert unusable_warnings(server, live) == 1
 
     # A key file missing for a moment (mid-rotation) changes nothing either.
     live.key.unlink()
     assert peer_certificate(server.port, pki.ca)["CN"] == "rotation-a"
+    # Another bad pair is another warning (and only one).
+    live.key.write_bytes(b"not a key\n")
+    for _ in range(6):
+        assert peer_certificate(server.port, pki.ca)["CN"] == "rotation-a"
+    wait_until(lambda: unusable_warnings(server, live) == 2, "a warning for the second bad pair")
+    assert peer_certificate(server.port, pki.ca)["CN"] == "rotation-a"
+    assert unusable_warnings(server, live) == 2
 
     # Once the key matches, the new certificate is served.
     install(pki.rotation_b.key, live.key)
@@ -692,3 +769,56 @@ def test_a_process_that_used_the_relay_exits_quietly(pki: Pki) -> None:
     assert all(code == 0 and out == "done" for code, out, _ in runs), runs[:1]
     noisy = [err for _, _, err in runs if err.strip()]
     assert not noisy, f"{len(noisy)} of {RELAY_EXIT_RUNS} wrote to stderr, e.g.:\n{noisy[0]}"
+
+
+SILENT_RUNS: Final = 12
+
+
+class SilentListener:
+    """Accepts TCP connections on 127.0.0.1 and never answers them (no TLS handshake)."""
+
+    def __init__(self) -> None:
+        self.socket = socket.create_server(("127.0.0.1", 0), backlog=64)
+        self.port: int = self.socket.getsockname()[1]
+        self.held: list[socket.socket] = []
+        self.socket.settimeout(0.05)
+        self.stopping = False
+        self.thread = threading.Thread(target=self._accept, name="silent", daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while not self.stopping:
+            try:
+                connection, _ = self.socket.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.held.append(connection)
+
+    def close(self) -> None:
+        self.stopping = True
+        self.thread.join(10)
+        self.socket.close()
+        for connection in self.held:
+            connection.close()
+
+
+def test_unverified_probe_of_a_silent_listener_prints_its_timeout_line_only() -> None:
+    """The relay's connection, cancelled mid-handshake as the probe exits, stays quiet."""
+    listener = SilentListener()
+    try:
+
+        def run(_: int) -> Exited:
+            return probe(
+                f"-addr=127.0.0.1:{listener.port}", "-tls", "-tls-no-verify", *FAIL_TIMEOUTS
+            )
+
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            runs = list(pool.map(run, range(SILENT_RUNS)))
+    finally:
+        listener.close()
+    assert all(done.code == 2 for done in runs), [done.code for done in runs]
+    noisy = [done.stderr for done in runs if len(done.lines) != 1]
+    assert not noisy, f"{len(noisy)} of {SILENT_RUNS} wrote more than one line, e.g.:\n{noisy[0]}"
+    assert all("failed to connect" in done.lines[0] for done in runs), runs[0].lines

@@ -6,11 +6,23 @@ an RPC: Check, Watch, List and SmokeTest read the board, which this writes.
 Aggregation:
     - ``check.<name>`` follows its check's thresholds;
     - ``readiness``, ``""`` and ``petsage.v1.SmokeTestService`` are SERVING while every
-      critical check is;
+      critical check that has a verdict is (see reconfigure for checks a reload adds);
     - ``startup`` is SERVING once every critical check has finished its first attempt
       (at most ``initial_delay + timeout`` after start, since every attempt is bounded),
       and stays SERVING, whatever a reload adds;
     - ``liveness`` is never touched: an outage of a dependency must not restart pods.
+
+Reloads (:meth:`HealthMonitor.reconfigure`) never move a name that still exists:
+    - an added check's own name starts NOT_SERVING, as every check does at start-up (only
+      SERVING passes any probe, and a check nobody has run yet is not known to serve); it
+      joins the aggregates only at its first verdict: SERVING after ``success_threshold``
+      passes, or NOT_SERVING after ``failure_threshold`` failures, the same count that
+      would take a serving check out. Until then a pod in service stays in service. A
+      check added before ``startup`` is SERVING counts at once, like the others then;
+    - a changed check keeps its status and its verdict (under its new ``critical``) until
+      its own thresholds change them;
+    - a removed check's name is cleared, and the aggregates are recomputed at once: a
+      failing critical check that the file no longer lists no longer holds readiness down.
 """
 
 from __future__ import annotations
@@ -90,6 +102,11 @@ class CheckState:
     last_success_time: float | None = None
     """Wall-clock time (seconds since the epoch) of the last passing attempt."""
     last_error: str | None = None
+    has_verdict: bool = True
+    """Whether the aggregates count this check. False only for a check that a reload added
+    after start-up, until its first verdict (see the module's docstring)."""
+    flips: int = 0
+    """How often the check's status has changed (SERVING to NOT_SERVING or back)."""
 
 
 class HealthMonitor:
@@ -149,9 +166,11 @@ class HealthMonitor:
         """Replace the checks, keeping what did not change.
 
         An unchanged check keeps running undisturbed. A changed one restarts with its new
-        settings but keeps its reported status until its next result. A removed one stops,
-        and its name is cleared from the board (watchers see SERVICE_UNKNOWN). An added
-        one starts NOT_SERVING. The aggregates follow the new set of critical checks.
+        settings but keeps its reported status and verdict until its thresholds change
+        them. A removed one stops, and its name is cleared from the board (watchers see
+        SERVICE_UNKNOWN); the aggregates no longer count it. An added one starts
+        NOT_SERVING and, once the server has started, leaves the aggregates as they are
+        until its first verdict, so that a reload never takes a serving pod out.
 
         Raises:
             ValueError: duplicate names, or a ``python`` target cannot be imported; then
@@ -177,9 +196,15 @@ class HealthMonitor:
                 wanted[name],
                 serving=state.serving,
                 completed_first_attempt=state.completed_first_attempt,
+                has_verdict=state.has_verdict,
+                flips=state.flips,  # a counter for Prometheus: it must not go back
             )
         for name in changes.added:
-            self._states[name] = CheckState(wanted[name])
+            # Before start-up has finished, a new check holds startup and readiness back
+            # like every other; after it, it must not take a serving pod out untried.
+            self._states[name] = CheckState(
+                wanted[name], has_verdict=not (self._running and self._started)
+            )
             self._board.set(wanted[name].service_name, ServingStatus.NOT_SERVING)
         self._states = {name: self._states[name] for name in wanted}  # configuration order
         self._probers.update(probers)
@@ -260,18 +285,24 @@ class HealthMonitor:
             state.last_error = error
             if state.serving and state.consecutive_failures >= check.failure_threshold:
                 state.serving = False
+        if state.serving != was_serving:
+            state.flips += 1
         first = not state.completed_first_attempt
         state.completed_first_attempt = True
+        joined = not state.has_verdict and (
+            state.serving or state.consecutive_failures >= check.failure_threshold
+        )
+        state.has_verdict = state.has_verdict or joined
         self._board.set(
             check.service_name,
             ServingStatus.SERVING if state.serving else ServingStatus.NOT_SERVING,
         )
-        if first or (check.critical and state.serving != was_serving):
+        if first or joined or (check.critical and state.serving != was_serving):
             self._update_aggregates()
 
     def _update_aggregates(self) -> None:
         critical = [state for state in self._states.values() if state.check.critical]
-        ready = all(state.serving for state in critical)
+        ready = all(state.serving for state in critical if state.has_verdict)
         for name in _AGGREGATES:
             self._board.set(name, ServingStatus.SERVING if ready else ServingStatus.NOT_SERVING)
         # Once started, always started: a check added by a reload must not send the pod

@@ -13,7 +13,9 @@ import enum
 import gc
 import logging
 import threading
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Final, NamedTuple
 
 __all__ = [
@@ -24,6 +26,7 @@ __all__ = [
     "STARTUP",
     "ServingStatus",
     "StatusBoard",
+    "Transition",
 ]
 
 _log = logging.getLogger("petsage_grpc.status")
@@ -42,6 +45,8 @@ SMOKE_TEST_SERVICE: Final = "petsage.v1.SmokeTestService"
 # Names whose status survives drain(): a pod that is shutting down cleanly must not be
 # restarted by its liveness probe.
 _KEPT_WHILE_DRAINING: Final = frozenset({LIVENESS, STARTUP})
+# Names that shed_load() reports NOT_SERVING: the ones that mean "send me traffic".
+_SHED_WHILE_OVERLOADED: Final = frozenset({OVERALL, READINESS})
 
 
 class ServingStatus(enum.IntEnum):
@@ -59,6 +64,17 @@ def _settable(status: ServingStatus) -> ServingStatus:
     if status is ServingStatus.SERVICE_UNKNOWN:
         raise ValueError("SERVICE_UNKNOWN is reported for unknown names; use clear()")
     return status
+
+
+HISTORY_LENGTH: Final = 100
+"""How many reported-status transitions the board remembers per name."""
+
+
+class Transition(NamedTuple):
+    """A name's reported status changed to *status* at *at* (seconds since the epoch)."""
+
+    at: float
+    status: ServingStatus
 
 
 _DEFER_FULL_GC_WATCHERS: Final = 64
@@ -111,6 +127,43 @@ class _Watcher:
                 self.waiter = None
 
 
+class _ThreadWatcher:
+    """A Watch stream's mailbox for a handler that runs on a thread, not on an event loop.
+
+    The same single slot as :class:`_Watcher`; the reader blocks on a thread event,
+    which any thread may set.
+    """
+
+    __slots__ = ("_event", "_stopped", "latest")
+
+    loop: Final = None
+
+    def __init__(self, latest: ServingStatus) -> None:
+        self.latest: ServingStatus | _Closed = latest
+        self._event = threading.Event()
+        self._stopped = False
+
+    def wake(self) -> None:
+        """Let :meth:`next` look again. From any thread."""
+        self._event.set()
+
+    def stop(self) -> None:
+        """Make :meth:`next` return None (the call ended). From any thread."""
+        self._stopped = True
+        self._event.set()
+
+    def next(self, sent: ServingStatus | None) -> ServingStatus | None:
+        """Block until the latest status differs from *sent* and return it; None once closed."""
+        while True:
+            self._event.clear()
+            latest = self.latest
+            if self._stopped or isinstance(latest, _Closed):
+                return None
+            if latest is not sent:
+                return latest
+            self._event.wait()
+
+
 def _wake(watchers: Sequence[_Watcher]) -> None:
     """Wake *watchers*, all of the running loop.
 
@@ -154,11 +207,14 @@ class _FullCollections:
                 cls._saved = None
 
 
-def _wake_all(watchers: Iterable[_Watcher]) -> None:
-    """Wake watchers, each on its own event loop, from whichever thread this runs on."""
+def _wake_all(watchers: Iterable[_Watcher | _ThreadWatcher]) -> None:
+    """Wake watchers, each on its own event loop or thread, from whichever thread this runs on."""
     by_loop: dict[asyncio.AbstractEventLoop, list[_Watcher]] = {}
     for watcher in watchers:
-        by_loop.setdefault(watcher.loop, []).append(watcher)
+        if isinstance(watcher, _ThreadWatcher):
+            watcher.wake()
+        else:
+            by_loop.setdefault(watcher.loop, []).append(watcher)
     try:
         running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
     except RuntimeError:
@@ -175,12 +231,12 @@ class _Change(NamedTuple):
     service: str
     old: ServingStatus | None
     new: ServingStatus | None
-    watchers: tuple[_Watcher, ...]
+    watchers: tuple[_Watcher | _ThreadWatcher, ...]
 
 
 def _publish(changes: Iterable[_Change]) -> None:
     """Log each change and wake its watchers. Called after the lock is released."""
-    woken: list[_Watcher] = []
+    woken: list[_Watcher | _ThreadWatcher] = []
     for change in changes:
         old = change.old.name if change.old is not None else "SERVICE_UNKNOWN"
         new = change.new.name if change.new is not None else "SERVICE_UNKNOWN"
@@ -204,7 +260,9 @@ class StatusBoard:
     otherwise.
 
     Every method is safe to call from the event loop and from any other thread (watch
-    and subscribe from the loop whose task then waits).
+    and subscribe from the loop whose task then waits; subscribe_thread from the thread
+    that then waits). Each watcher is woken on its own loop or thread, whichever thread
+    made the change.
     Status changes are logged once each, at INFO, on the ``petsage_grpc.status`` logger.
 
     The board separates what was *set* from what is *reported*:
@@ -230,10 +288,19 @@ class StatusBoard:
             self._set[service] = _settable(status)
         self._draining = False
         self._shut_down = False
+        self._shedding = False
         self._watches_closed = False
         # The reported statuses, kept materialised so that Check is one dict lookup.
         self._reported: dict[str, ServingStatus] = dict(self._set)
-        self._watchers: dict[str, set[_Watcher]] = {}
+        self._watchers: dict[str, set[_Watcher | _ThreadWatcher]] = {}
+        self._loop_lag: Callable[[], float] | None = None
+        self._revision = 0
+        # Written only when a reported status changes, never by Check or Watch.
+        now = time.time()
+        self._history: dict[str, deque[Transition]] = {
+            name: deque((Transition(now, status),), maxlen=HISTORY_LENGTH)
+            for name, status in self._reported.items()
+        }
 
     # -- reading ------------------------------------------------------------------
 
@@ -246,9 +313,33 @@ class StatusBoard:
         with self._lock:
             return dict(self._reported)
 
+    def history(self, service: str) -> tuple[Transition, ...]:
+        """Return *service*'s last reported-status changes, oldest first (empty if unknown).
+
+        At most :data:`HISTORY_LENGTH` are kept per name; the first is when the name was
+        registered (or the oldest change still kept). Forgetting a name forgets its history.
+        """
+        with self._lock:
+            return tuple(self._history.get(service, ()))
+
+    @property
+    def revision(self) -> int:
+        """A number that grows with every change of a reported status (for caching views)."""
+        return self._revision
+
     def __len__(self) -> int:
         """Return how many service names the board knows."""
         return len(self._reported)
+
+    @property
+    def loop_lag_seconds(self) -> float | None:
+        """How late the event loop runs now, as a running loop heartbeat measures it; or None."""
+        source = self._loop_lag
+        return None if source is None else source()
+
+    def measure_loop_lag(self, source: Callable[[], float] | None) -> None:
+        """Report *source()* as :attr:`loop_lag_seconds` (None: no heartbeat runs)."""
+        self._loop_lag = source
 
     @property
     def draining(self) -> bool:
@@ -292,6 +383,33 @@ class StatusBoard:
         """Report every name as NOT_SERVING until :meth:`resume`; later sets are only remembered."""
         self._change_mode(draining=self._draining, shut_down=True, reason="shut down")
 
+    @property
+    def shedding(self) -> bool:
+        """Whether :meth:`shed_load` is in force."""
+        return self._shedding
+
+    def shed_load(self, shedding: bool) -> None:
+        """While *shedding*, report ``readiness`` and ``""`` as NOT_SERVING; then what was set.
+
+        For an overloaded process: readiness probes and load balancers move traffic to
+        other replicas, while every other name (``liveness`` among them) is unchanged.
+        Independent of :meth:`drain` and :meth:`shutdown`.
+        """
+        with self._lock:
+            if shedding == self._shedding:
+                return
+            self._shedding = shedding
+            changes = self._apply(
+                {
+                    n: self._reportable(n, s)
+                    for n, s in self._set.items()
+                    if n in _SHED_WHILE_OVERLOADED
+                }
+            )
+        reason = "shedding load" if shedding else "no longer shedding load"
+        _log.info("status board %s", reason, extra={"event": reason.replace(" ", "_")})
+        _publish(changes)
+
     def resume(self) -> None:
         """Leave drain and shutdown: report the statuses that were set, and allow Watch again."""
         with self._lock:
@@ -310,19 +428,28 @@ class StatusBoard:
     def _reportable(self, service: str, status: ServingStatus) -> ServingStatus:
         if self._shut_down or (self._draining and service not in _KEPT_WHILE_DRAINING):
             return ServingStatus.NOT_SERVING
+        if self._shedding and service in _SHED_WHILE_OVERLOADED:
+            return ServingStatus.NOT_SERVING
         return status
 
     def _apply(self, updates: Mapping[str, ServingStatus | None]) -> list[_Change]:
         """Store reported statuses and fill changed names' mailboxes. Lock held."""
         changes: list[_Change] = []
+        now = time.time()
         for service, new in updates.items():
             old = self._reported.get(service)
             if old == new:
                 continue
+            self._revision += 1
             if new is None:
                 del self._reported[service]
+                self._history.pop(service, None)
             else:
                 self._reported[service] = new
+                history = self._history.get(service)
+                if history is None:
+                    history = self._history[service] = deque(maxlen=HISTORY_LENGTH)
+                history.append(Transition(now, new))
             watchers = tuple(self._watchers.get(service, ()))
             for watcher in watchers:
                 if not isinstance(watcher.latest, _Closed):  # close_watches() is final
@@ -368,8 +495,22 @@ class StatusBoard:
             self._watchers.setdefault(service, set()).add(watcher)
         return watcher
 
-    def unsubscribe(self, service: str, watcher: _Watcher) -> None:
-        """Forget a watcher that :meth:`subscribe` returned for *service*."""
+    def subscribe_thread(self, service: str) -> _ThreadWatcher | None:
+        """:meth:`subscribe` for a handler that runs on a thread of its own (a sync server's).
+
+        The watcher's ``next(sent)`` blocks the calling thread; its ``stop()`` (from any
+        thread, e.g. the call's termination callback) makes ``next`` return None. Pair
+        every call with :meth:`unsubscribe`, in a ``finally``.
+        """
+        with self._lock:
+            if self._watches_closed:
+                return None
+            watcher = _ThreadWatcher(self._reported.get(service, ServingStatus.SERVICE_UNKNOWN))
+            self._watchers.setdefault(service, set()).add(watcher)
+        return watcher
+
+    def unsubscribe(self, service: str, watcher: _Watcher | _ThreadWatcher) -> None:
+        """Forget a watcher that :meth:`subscribe` or :meth:`subscribe_thread` returned."""
         with self._lock:
             group = self._watchers.get(service)
             if group is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -78,11 +79,15 @@ class Connection:
             return grpc.insecure_channel(target, options=options)
         return grpc.secure_channel(target, credentials, options=options)
 
-    def aio_channel(self) -> grpc.aio.Channel:
-        """An asyncio channel (see :meth:`channel_arguments` for errors)."""
+    def aio_channel(self, *, options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
+        """An asyncio channel, with extra channel *options*.
+
+        See :meth:`channel_arguments` for errors.
+        """
         import grpc  # noqa: PLC0415
 
-        target, credentials, options = self.channel_arguments()
+        target, credentials, defaults = self.channel_arguments()
+        options = [*defaults, *options]
         if credentials is None:
             return grpc.aio.insecure_channel(target, options=options)
         return grpc.aio.secure_channel(target, credentials, options=options)

@@ -3,19 +3,25 @@
 Kept free of grpc imports at module level: ``probe`` runs as a Kubernetes exec probe
 and must start fast, and ``serve`` should report a bad flag before loading anything.
 
-Exit codes of ``serve``: 0 stopped cleanly after a signal; 2 bad flag, bad environment
-variable, bad configuration file or cannot listen (the problem on stderr, nothing left
-running). ``probe`` exits as grpc_health_probe does (see ``petsage_grpc.cli._probe``).
+Exit codes of ``serve``: 0 stopped cleanly after a signal; 1 stopped by an unexpected
+error (logged); 2 bad flag, bad environment variable, bad configuration file or cannot
+listen (the problem on stderr, nothing left running). ``probe`` exits as
+grpc_health_probe does (see ``petsage_grpc.cli._probe``).
+
+Every line ``serve`` writes to stderr follows the log format, errors before the server
+runs included. The format is taken, as soon as it can be known, from the first valid
+one of: the ``--log-format`` flag, ``PETSAGE_GRPC_LOG_FORMAT``, the configuration
+file's ``[server] log_format`` (once the file has been read), ``text``. A flag that
+cannot be read (a bad value, a missing one, an ambiguous abbreviation) counts as not
+given: its error is reported in the format the environment asks for.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import signal
 import sys
-from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, NoReturn
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from petsage_grpc.cli._version import installed_version
 
@@ -26,30 +32,22 @@ if TYPE_CHECKING:
 __all__ = ["main"]
 
 PROG = "petsage-grpc"
-EXIT_USAGE = 2
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad argument is one line on stderr and exit 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
-
-
-def _argparse_type(convert: Callable[[object], Any]) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        try:
-            return convert(text)
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
-
-    return parse
+EXIT_CRASHED = 1
 
 
 def _serve(argv: Sequence[str], environ: Mapping[str, str]) -> int:
-    # grpc core logs every failed TLS handshake (a port scan, a plaintext probe) at INFO;
-    # keep its errors only, unless the operator asks for more. Read when grpc is imported.
-    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    import signal  # noqa: PLC0415 - argparse, signal: not on the probe's path
+
+    from petsage_grpc.cli._parsing import (  # noqa: PLC0415
+        EXIT_USAGE,
+        LOG_FORMAT_ENV,
+        Parser,
+        argparse_type,
+        early_log_format,
+        error_line,
+        valid_format,
+    )
+
     # Until the server installs its handler, a SIGHUP (reload) must not end the process.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from petsage_grpc.server._settings import (  # noqa: PLC0415
@@ -59,7 +57,7 @@ def _serve(argv: Sequence[str], environ: Mapping[str, str]) -> int:
         resolve_settings,
     )
 
-    parser = _Parser(
+    parser = Parser(
         prog=f"{PROG} serve",
         description="Serve grpc.health.v1.Health, petsage.v1.SmokeTestService and reflection.",
         epilog=f"Every option can also be set as an environment variable {ENV_PREFIX}<NAME>, "
@@ -68,28 +66,43 @@ def _serve(argv: Sequence[str], environ: Mapping[str, str]) -> int:
     )
     for setting in SERVER_SETTINGS:
         parser.add_argument(
-            setting.flag, dest=setting.name, type=_argparse_type(setting.convert), help=setting.help
+            setting.flag, dest=setting.name, type=argparse_type(setting.convert), help=setting.help
         )
+    parser.log_format = early_log_format(argv, environ, [s.flag for s in SERVER_SETTINGS])
     flags = vars(parser.parse_args(argv))
     try:
-        config_path = resolve_settings(flags, environ)["config"]
+        early = resolve_settings(flags, environ)
     except SettingError as error:
         parser.error(str(error))
+    # Flag and environment are valid now; the file may still set the format below.
+    given = flags["log_format"] or valid_format(environ.get(LOG_FORMAT_ENV))
+    parser.log_format = early["log_format"]
+    if given == "json":
+        # grpc core writes its own plain-text lines; silence it before anything (a
+        # python check's module, say) imports grpc, which reads this once.
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
     from petsage_grpc.server._config import Config, ConfigError, load_config  # noqa: PLC0415
 
     config = Config()
-    if config_path is not None:
+    if early["config"] is not None:
         try:
-            config = load_config(config_path)
+            config = load_config(early["config"])
         except ConfigError as error:
+            fmt = given or valid_format(error.settings.get("log_format")) or "text"
             for problem in error.problems:
-                print(f"{PROG} serve: error: {problem}", file=sys.stderr)
+                print(error_line(problem, fmt=fmt, prog=parser.prog), file=sys.stderr)
             return EXIT_USAGE
     try:
         values = resolve_settings(flags, environ, config.server)
     except SettingError as error:
         parser.error(str(error))
+    parser.log_format = values["log_format"]
+    if values["log_format"] == "json":
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    # grpc core logs every failed TLS handshake (a port scan, a plaintext probe) at INFO;
+    # keep its errors only, unless the operator asks for more.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
     import asyncio  # noqa: PLC0415 - heavy imports only once the input is known to be good
 
@@ -104,8 +117,15 @@ def _serve(argv: Sequence[str], environ: Mapping[str, str]) -> int:
     try:
         asyncio.run(serve(options))
     except ListenError as error:
-        print(f"{PROG} serve: error: {error}", file=sys.stderr)
+        print(error_line(str(error), fmt=values["log_format"], prog=parser.prog), file=sys.stderr)
         return EXIT_USAGE
+    except Exception:
+        import logging  # noqa: PLC0415
+
+        logging.getLogger("petsage_grpc.server").critical(
+            "stopped by an unexpected error", exc_info=True
+        )
+        return EXIT_CRASHED
     return 0
 
 
@@ -126,6 +146,10 @@ def _serve_options(values: Mapping[str, Any], config: Config) -> ServeOptions:
         raise ValueError("--tls-cert and --tls-key go together")
     if client_ca is not None and cert is None:
         raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+    if values["shed_lag_seconds"] is not None and (
+        values["probe_port"] is None and values["http_port"] is None
+    ):
+        raise ValueError("--shed-lag-seconds needs --probe-port or --http-port")
     tls = None
     if cert is not None:
         from petsage_grpc.server._tls import TlsFiles  # noqa: PLC0415
@@ -146,6 +170,8 @@ def _serve_options(values: Mapping[str, Any], config: Config) -> ServeOptions:
         grace_seconds=values["grace_seconds"],
         http_port=values["http_port"],
         probe_port=values["probe_port"],
+        loop_stall_seconds=values["loop_stall_seconds"],
+        shed_lag_seconds=values["shed_lag_seconds"],
         tls=tls,
         auth_token=token,
         protect_reflection=config.protect_reflection,
@@ -175,7 +201,9 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
         from petsage_grpc.cli._status_command import run_status  # noqa: PLC0415
 
         return run_status(args[1:])
-    parser = _Parser(
+    from petsage_grpc.cli._parsing import EXIT_USAGE, LOG_FORMAT_ENV, Parser, valid_format  # noqa: PLC0415
+
+    parser = Parser(
         prog=PROG,
         description="The PetSage gRPC health service.",
         epilog=f"Run '{PROG} COMMAND --help' (probe: '-help') for a command's options.",
@@ -186,6 +214,7 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
         help="serve; probe a server as grpc_health_probe does; show a server's status",
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.log_format = valid_format(environ.get(LOG_FORMAT_ENV)) or "text"
     if args == ["--version"]:
         print(f"{PROG} {installed_version()}")
         return 0

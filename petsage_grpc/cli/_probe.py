@@ -5,29 +5,36 @@ A Kubernetes exec probe line written for grpc_health_probe works unchanged with
 ``--name``, ``-name=value`` or ``-name value``; parsing stops at the first argument
 that is not a flag. Messages go to stderr, as grpc_health_probe's do.
 
+A probe runs every few seconds in every pod, inside its memory limit, so it pays only
+for one ``Check``: one HTTP/2 connection (``cli/_h2_unary``: hyperframe and hpack;
+``ssl`` for TLS, verifying or not) and two hand-encoded messages. Neither grpcio nor
+protobuf is loaded.
+
 Exit codes:
     0  the service answered SERVING (and -version)
     1  invalid arguments (unknown flag, bad value, conflicting TLS flags, unusable TLS
        file) and -help, as Go's flag package has it
-    2  connection failed or timed out (a TLS mismatch looks like this too)
+    2  connection failed or timed out, retried until -connect-timeout as grpc's blocking
+       dial does (a TLS mismatch, an HTTP/1 server or one that never sends HTTP/2
+       SETTINGS look like this too)
     3  the RPC failed: NOT_FOUND, UNIMPLEMENTED, DEADLINE_EXCEEDED, UNAUTHENTICATED, ...
+       (also an HTTP/2 server that is not gRPC, a reset stream, GOAWAY before the
+       answer, a malformed answer)
     4  the service answered, but not SERVING
 """
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
 from petsage_grpc._durations import format_go_duration, parse_go_duration
-from petsage_grpc.cli._client import Connection
+from petsage_grpc.cli._h2_unary import GrpcCode, H2Channel, NotConnectedError, Reply
 
 if TYPE_CHECKING:
-    import grpc
+    import ssl
 
 __all__ = [
     "EXIT_CONNECTION_FAILURE",
@@ -44,6 +51,9 @@ EXIT_CONNECTION_FAILURE: Final = 2
 EXIT_RPC_FAILURE: Final = 3
 EXIT_UNHEALTHY: Final = 4
 
+_FIRST_RETRY_SECONDS: Final = 0.1
+_MAX_RETRY_SECONDS: Final = 1.0
+
 
 class _ArgumentError(Exception):
     pass
@@ -56,14 +66,18 @@ class _HelpRequestedError(Exception):
 # -- flags ----------------------------------------------------------------------------
 
 
-@dataclass
 class _Flags:
+    """The parsed flags, defaults as grpc_health_probe's.
+
+    A plain class: ``dataclasses`` imports ``inspect``, which would cost the probe more
+    than all its own code.
+    """
+
     addr: str = ""
     service: str = ""
     user_agent: str = "grpc_health_probe"
     connect_timeout: float = 1.0
     rpc_timeout: float = 1.0
-    rpc_header: list[tuple[str, str]] = field(default_factory=list)
     tls: bool = False
     tls_no_verify: bool = False
     tls_ca_cert: str = ""
@@ -75,6 +89,9 @@ class _Flags:
     version: bool = False
     spiffe: bool = False
     alts: bool = False
+
+    def __init__(self) -> None:
+        self.rpc_header: list[tuple[str, str]] = []
 
 
 _TRUE: Final = frozenset({"1", "t", "T", "TRUE", "true", "True"})
@@ -244,93 +261,194 @@ def run_probe(argv: Sequence[str]) -> int:
             f"rpc_timeout={format_go_duration(flags.rpc_timeout)}"
         )
         _log(f"> tls={str(flags.tls).lower()}")
+        if flags.tls:
+            _log(f"  > no-verify={str(flags.tls_no_verify).lower()}")
+            _log(f"  > ca-cert={flags.tls_ca_cert}")
+            _log(f"  > client-cert={flags.tls_client_cert}")
+            _log(f"  > client-key={flags.tls_client_key}")
+            _log(f"  > server-name={flags.tls_server_name}")
     return _check(flags)
 
 
-def _connection(flags: _Flags) -> Connection:
-    return Connection(
-        addr=flags.addr,
-        user_agent=flags.user_agent,
-        connect_timeout=flags.connect_timeout,
-        tls=flags.tls,
-        tls_no_verify=flags.tls_no_verify,
-        tls_ca_cert=flags.tls_ca_cert,
-        tls_client_cert=flags.tls_client_cert,
-        tls_client_key=flags.tls_client_key,
-        tls_server_name=flags.tls_server_name,
-    )
+def _tls_context(flags: _Flags) -> ssl.SSLContext | None:
+    """The client TLS settings the flags ask for (None: plaintext).
+
+    Raises:
+        OSError: a TLS file cannot be read, the CA file holds no certificate, or the
+            client key does not fit the certificate (ssl.SSLError is an OSError).
+    """
+    if not flags.tls:
+        return None
+    import ssl  # noqa: PLC0415 - only for TLS: it costs a plaintext probe time and memory
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if flags.tls_no_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    elif flags.tls_ca_cert:
+        context.load_verify_locations(cafile=flags.tls_ca_cert)
+        if not context.get_ca_certs():
+            raise ssl.SSLError(f"no root CA certs parsed from file {flags.tls_ca_cert}")
+    else:
+        context.load_default_certs()
+    if flags.tls_client_cert:
+        context.load_cert_chain(flags.tls_client_cert, flags.tls_client_key)
+    context.set_alpn_protocols(["h2"])
+    return context
 
 
-def _rpc_failure(error: grpc.RpcError, flags: _Flags) -> str:
-    import grpc  # noqa: PLC0415
+def _connect(flags: _Flags, context: ssl.SSLContext | None) -> H2Channel | None:
+    """Connect within -connect-timeout, retrying as grpc's blocking dial does; None: failed."""
+    deadline = time.monotonic() + flags.connect_timeout
+    pause = _FIRST_RETRY_SECONDS
+    while (remaining := deadline - time.monotonic()) > 0:
+        try:
+            return H2Channel.connect(
+                flags.addr,
+                timeout=remaining,
+                tls=context,
+                server_name=flags.tls_server_name,
+            )
+        except NotConnectedError as error:
+            if flags.v:
+                _log(f"connection attempt failed: {error}")
+        if deadline - time.monotonic() <= pause:
+            return None  # no other attempt fits in the time left
+        time.sleep(pause)
+        pause = min(pause * 1.6, _MAX_RETRY_SECONDS)
+    return None  # a sleep overran the deadline
 
-    code, details = error.code(), error.details()
-    if code is grpc.StatusCode.UNIMPLEMENTED:
+
+def _rpc_failure(reply: Reply, flags: _Flags) -> str:
+    if reply.code == GrpcCode.UNIMPLEMENTED:
         return (
             "error: this server does not implement the grpc health protocol "
-            f"(grpc.health.v1.Health): {details}"
+            f"(grpc.health.v1.Health): {reply.details}"
         )
-    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+    if reply.code == GrpcCode.DEADLINE_EXCEEDED:
         return (
             f"timeout: health rpc did not complete within {format_go_duration(flags.rpc_timeout)}"
         )
-    return f"error: health rpc failed: rpc error: code = {_go_code(code)} desc = {details}"
+    return (
+        f"error: health rpc failed: rpc error: code = {_go_code(reply.code_name)} "
+        f"desc = {reply.details}"
+    )
 
 
 def _check(flags: _Flags) -> int:
-    # grpc_health_probe prints only its own lines; grpc core would add its own on TLS
-    # failures. Read when grpc is first imported.
-    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
-    import grpc  # noqa: PLC0415
-    from grpc_health.v1 import health_pb2  # noqa: PLC0415
-
     try:
-        channel = _connection(flags).channel()
-    except (OSError, ValueError) as error:  # ssl.SSLError is an OSError
+        context = _tls_context(flags)
+    except OSError as error:  # ssl.SSLError is an OSError
         _log(f"failed to initialize tls credentials. error={error}")
         return EXIT_INVALID_ARGUMENTS
-    with channel:
-        if flags.v:
-            _log("establishing connection")
-        started = time.monotonic()
-        try:
-            grpc.channel_ready_future(channel).result(timeout=flags.connect_timeout)
-        except grpc.FutureTimeoutError:
-            _log(
-                f'timeout: failed to connect service "{flags.addr}" '
-                f"within {format_go_duration(flags.connect_timeout)}"
-            )
-            return EXIT_CONNECTION_FAILURE
-        connected = time.monotonic()
-        if flags.v:
-            _log(f"connection established (took {format_go_duration(connected - started)})")
-        check = channel.unary_unary(
-            "/grpc.health.v1.Health/Check",
-            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+    if flags.v:
+        _log("establishing connection")
+    started = time.monotonic()
+    channel = _connect(flags, context)
+    if channel is None:
+        _log(
+            f'timeout: failed to connect service "{flags.addr}" '
+            f"within {format_go_duration(flags.connect_timeout)}"
         )
+        return EXIT_CONNECTION_FAILURE
+    connected = time.monotonic()
+    if flags.v:
+        _log(f"connection established (took {format_go_duration(connected - started)})")
+    try:
+        reply = channel.unary(
+            _CHECK_PATH,
+            _health_check_request(flags.service),
+            timeout=flags.rpc_timeout,
+            metadata=flags.rpc_header,
+            user_agent=flags.user_agent,
+            gzip=flags.gzip,
+        )
+    finally:
+        channel.close()
+    status_number = 0
+    if reply.code == GrpcCode.OK:
         try:
-            response = check(
-                health_pb2.HealthCheckRequest(service=flags.service),
-                timeout=flags.rpc_timeout,
-                metadata=tuple(flags.rpc_header) or None,
-                compression=grpc.Compression.Gzip if flags.gzip else None,
-            )
-        except grpc.RpcError as error:
-            _log(_rpc_failure(error, flags))
-            return EXIT_RPC_FAILURE
-        status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
-        if response.status != health_pb2.HealthCheckResponse.SERVING:
-            _log(f'service unhealthy (responded with "{status}")')
-            return EXIT_UNHEALTHY
-        if flags.v:
-            elapsed = format_go_duration(time.monotonic() - connected)
-            _log(f"time elapsed: connect={format_go_duration(connected - started)} rpc={elapsed}")
-        _log(f"status: {status}")
-        return EXIT_SERVING
+            status_number = _serving_status(reply.message)
+        except ValueError as error:
+            reply = Reply(GrpcCode.INTERNAL, f"grpc: failed to unmarshal the response: {error}")
+    if reply.code != GrpcCode.OK:
+        _log(_rpc_failure(reply, flags))
+        return EXIT_RPC_FAILURE
+    known = 0 <= status_number < len(_STATUS_NAMES)
+    status = _STATUS_NAMES[status_number] if known else str(status_number)
+    if status_number != _SERVING:
+        _log(f'service unhealthy (responded with "{status}")')
+        return EXIT_UNHEALTHY
+    if flags.v:
+        elapsed = format_go_duration(time.monotonic() - connected)
+        _log(f"time elapsed: connect={format_go_duration(connected - started)} rpc={elapsed}")
+    _log(f"status: {status}")
+    return EXIT_SERVING
 
 
-def _go_code(code: object) -> str:
+# -- grpc.health.v1 messages, by hand ----------------------------------------------------
+# Two tiny messages do not justify loading protobuf (tens of milliseconds and megabytes):
+# HealthCheckRequest{string service = 1}, HealthCheckResponse{ServingStatus status = 1}.
+
+_CHECK_PATH: Final = "/grpc.health.v1.Health/Check"
+_STATUS_NAMES: Final = ("UNKNOWN", "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN")
+_SERVING: Final = 1
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _read_varint(data: bytes, at: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if at >= len(data) or shift > 63:
+            raise ValueError("truncated or overlong varint")
+        byte = data[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            return value, at
+
+
+def _health_check_request(service: str) -> bytes:
+    """HealthCheckRequest wire bytes; proto3 leaves the empty default out."""
+    name = service.encode()
+    return b"\x0a" + _varint(len(name)) + name if name else b""
+
+
+def _serving_status(message: bytes) -> int:
+    """HealthCheckResponse.status (0 when absent); fields of newer versions are skipped.
+
+    Raises:
+        ValueError: *message* is not a valid protobuf encoding.
+    """
+    status, at = 0, 0
+    while at < len(message):
+        key, at = _read_varint(message, at)
+        field_number, wire_type = key >> 3, key & 7
+        if wire_type == 0:  # varint
+            value, at = _read_varint(message, at)
+            if field_number == 1:
+                status = value if value < 1 << 31 else value - (1 << 64)  # int32 enum
+        elif wire_type == 2:  # length-delimited
+            length, at = _read_varint(message, at)
+            at += length
+        elif wire_type in (1, 5):  # fixed64, fixed32
+            at += 8 if wire_type == 1 else 4
+        else:
+            raise ValueError(f"unsupported wire type {wire_type}")
+        if at > len(message):
+            raise ValueError("truncated field")
+    return status
+
+
+def _go_code(name: str) -> str:
     """grpc-go's name for a status code: NOT_FOUND -> NotFound."""
-    name: str = getattr(code, "name", str(code))
     return "".join(part.capitalize() for part in name.split("_"))

@@ -3,23 +3,29 @@
 Exit codes follow the probe's: 0 every service SERVING; 4 some are not; 2 connection
 failed or timed out; 3 an RPC failed (List refused, e.g. UNAUTHENTICATED or
 UNIMPLEMENTED); 1 bad arguments. With --watch, the code reflects the last states seen
-when interrupted.
+when interrupted; with --watch --exit-on-loss, 5 when the connection was lost.
+
+With --watch, losing the server is news too: one line when it goes (its Watch streams
+end, or List gets no answer), a reminder of how long it has been gone at 10 s, 30 s,
+1 min, 2 min, 5 min and then every 10 min, and one line when it answers again (followed
+by any status that changed meanwhile). Reconnection is retried with backoff.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import signal
 import sys
+import time
+from asyncio import FIRST_COMPLETED
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TextIO
 
-from petsage_grpc._durations import parse_duration
+from petsage_grpc._durations import format_go_duration, parse_duration
 from petsage_grpc.cli._client import Connection
 from petsage_grpc.cli._probe import (
     EXIT_CONNECTION_FAILURE,
@@ -40,6 +46,19 @@ _COLOURS = {"SERVING": "\033[32m", "NOT_SERVING": "\033[31m"}
 _OTHER_COLOUR = "\033[33m"
 _RESET = "\033[0m"
 _RELIST_SECONDS = 2.0
+EXIT_CONNECTION_LOST = 5
+"""``status --watch --exit-on-loss``: the server went away while watched."""
+_RETRY_FIRST_SECONDS = 0.5
+_RETRY_MAX_SECONDS = 5.0
+_STILL_GONE_AFTER = (10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+_STILL_GONE_EVERY = 600.0
+# grpc's own reconnection backoff grows to 2 min by default: a server that is back
+# would go unnoticed that long. Bounded here to the retry pace above.
+_CHANNEL_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", int(_RETRY_FIRST_SECONDS * 1000)),
+    ("grpc.min_reconnect_backoff_ms", int(_RETRY_FIRST_SECONDS * 1000)),
+    ("grpc.max_reconnect_backoff_ms", int(_RETRY_MAX_SECONDS * 1000)),
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -58,6 +77,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--watch", action="store_true", help="then print transitions until ^C")
+    parser.add_argument(
+        "--exit-on-loss",
+        action="store_true",
+        help=f"with --watch: exit {EXIT_CONNECTION_LOST} when the connection is lost "
+        "(default: say so and keep reconnecting)",
+    )
     parser.add_argument("--timeout", default="2s", help="connect and RPC timeout (default: 2s)")
     parser.add_argument(
         "--token-file",
@@ -84,6 +109,8 @@ def run_status(argv: Sequence[str]) -> int:
         parser.error(str(error))
     if timeout <= 0:
         parser.error("--timeout must be greater than zero")
+    if args.exit_on_loss and not args.watch:
+        parser.error("--exit-on-loss needs --watch")
     connection = Connection(
         addr=args.addr,
         user_agent="petsage-grpc-status",
@@ -97,7 +124,16 @@ def run_status(argv: Sequence[str]) -> int:
     )
     metadata = (("authorization", f"Bearer {token}"),) if token else None
     try:
-        return asyncio.run(_status(connection, timeout, metadata, args.json, args.watch))
+        return asyncio.run(
+            _status(
+                connection,
+                timeout,
+                metadata,
+                args.json,
+                watch=args.watch,
+                exit_on_loss=args.exit_on_loss,
+            )
+        )
     except KeyboardInterrupt:
         return EXIT_UNHEALTHY
 
@@ -107,7 +143,9 @@ async def _status(
     limit: float,
     metadata: tuple[tuple[str, str], ...] | None,
     as_json: bool,
+    *,
     watch: bool,
+    exit_on_loss: bool,
 ) -> int:
     import grpc  # noqa: PLC0415
     from grpc_health.v1 import health_pb2  # noqa: PLC0415
@@ -116,7 +154,7 @@ async def _status(
 
     out = sys.stdout
     try:
-        channel = connection.aio_channel()
+        channel = connection.aio_channel(options=_CHANNEL_OPTIONS if watch else ())
     except OSError as error:
         print(f"error: cannot use the TLS files: {error}", file=sys.stderr)
         return EXIT_INVALID_ARGUMENTS
@@ -153,14 +191,17 @@ async def _status(
                 )
                 return list(answer.statuses)
 
-            await _watch(
+            lost = await _watch(
                 channel,
                 states=states,
                 out=out,
                 as_json=as_json,
                 messages=health_pb2,
                 list_names=list_names,
+                exit_on_loss=exit_on_loss,
             )
+            if lost:
+                return EXIT_CONNECTION_LOST
         # A name that went away (a removed check) no longer counts against the server.
         known = [state for state in states.values() if state != "SERVICE_UNKNOWN"]
         return EXIT_SERVING if all(state == "SERVING" for state in known) else EXIT_UNHEALTHY
@@ -186,6 +227,8 @@ async def _smoke_test(
     result: dict[str, Any] = {"status": answer.status, "message": answer.message}
     if answer.checks:
         result["checks"] = {check.name: check.serving for check in answer.checks}
+    if answer.HasField("event_loop_lag_seconds"):
+        result["event_loop_lag_seconds"] = answer.event_loop_lag_seconds
     return result
 
 
@@ -205,7 +248,67 @@ def _print_table(states: dict[str, str], smoke: dict[str, Any], out: TextIO) -> 
         print(f"\nsmoke test: {smoke['error']}: {smoke['message']}", file=out)
     else:
         print(f"\nsmoke test: {smoke['status']}: {smoke['message']}", file=out)
+    if "event_loop_lag_seconds" in smoke:
+        print(f"event loop lag: {smoke['event_loop_lag_seconds'] * 1000:.0f} ms", file=out)
     out.flush()
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def _event(out: TextIO, as_json: bool, text: str, **fields: object) -> None:
+    """One line about the connection: *text* after the time, or a JSON object."""
+    if as_json:
+        print(json.dumps({"time": _now(), **fields}), file=out, flush=True)
+    else:
+        print(f"{_now()} {text}", file=out, flush=True)
+
+
+class _Connectivity:
+    """Whether the server answers, said once per change, with "still gone" reminders."""
+
+    def __init__(self, out: TextIO, as_json: bool) -> None:
+        self._out, self._as_json = out, as_json
+        self._since: float | None = None  # when the connection was lost; None: connected
+        self._reminders = 0
+        self.pause = _RELIST_SECONDS
+        """How long to wait before asking again: the relist period, or the retry backoff."""
+
+    def lost(self, reason: str) -> bool:
+        """The server did not answer; return whether this is news (the loss itself)."""
+        if self._since is None:
+            self._since, self._reminders = time.monotonic(), 0
+            self.pause = _RETRY_FIRST_SECONDS
+            text = f"connection lost ({reason})"
+            _event(self._out, self._as_json, text, event="connection_lost", reason=reason)
+            return True
+        self.pause = min(self.pause * 2, _RETRY_MAX_SECONDS)
+        gone = time.monotonic() - self._since
+        if gone >= self._next_reminder():
+            self._reminders += 1
+            text = f"still unreachable after {_seconds(gone)}"
+            _event(self._out, self._as_json, text, event="still_unreachable", seconds=round(gone))
+        return False
+
+    def answered(self) -> None:
+        """The server answered: say it is back if it was gone."""
+        if self._since is not None:
+            gone = time.monotonic() - self._since
+            text = f"connection back after {_seconds(gone)}"
+            _event(self._out, self._as_json, text, event="connection_back", seconds=round(gone))
+            self._since = None
+        self.pause = _RELIST_SECONDS
+
+    def _next_reminder(self) -> float:
+        index, fixed = self._reminders, len(_STILL_GONE_AFTER)
+        if index < fixed:
+            return _STILL_GONE_AFTER[index]
+        return _STILL_GONE_AFTER[-1] + _STILL_GONE_EVERY * (index - fixed + 1)
+
+
+def _seconds(value: float) -> str:
+    return format_go_duration(float(round(value)))
 
 
 async def _watch(
@@ -216,8 +319,13 @@ async def _watch(
     as_json: bool,
     messages: Any,
     list_names: Callable[[], Awaitable[list[str]]],
-) -> None:
-    """Follow every service until SIGINT/SIGTERM, printing one line per transition."""
+    exit_on_loss: bool,
+) -> bool:
+    """Follow every service until SIGINT/SIGTERM, printing one line per transition.
+
+    Returns:
+        True when the connection was lost and *exit_on_loss* asked to stop there.
+    """
     import grpc  # noqa: PLC0415
 
     name_of = messages.HealthCheckResponse.ServingStatus.Name
@@ -226,37 +334,61 @@ async def _watch(
         request_serializer=messages.HealthCheckRequest.SerializeToString,
         response_deserializer=messages.HealthCheckResponse.FromString,
     )
+    # Set when a Watch stream ends: the server may be gone, so ask now, not at the tick.
+    ended = asyncio.Event()
 
     async def follow(name: str) -> None:
-        with contextlib.suppress(grpc.aio.AioRpcError):
+        try:
             async for answer in watch_call(messages.HealthCheckRequest(service=name)):
                 new = name_of(answer.status)
                 old = states.get(name, "SERVICE_UNKNOWN")
                 if new == old:
                     continue
                 states[name] = new
-                now = datetime.now(UTC).isoformat(timespec="milliseconds")
-                if as_json:
-                    line = json.dumps({"time": now, "service": name, "from": old, "to": new})
-                else:
-                    shown = name or json.dumps(name)
-                    line = f"{now} {shown} {old} -> {_paint(new, out)}"
-                print(line, file=out, flush=True)
+                shown = name or json.dumps(name)
+                _event(
+                    out,
+                    as_json,
+                    f"{shown} {old} -> {_paint(new, out)}",
+                    service=name,
+                    **{"from": old, "to": new},
+                )
+        except grpc.aio.AioRpcError:
+            pass  # the stream ended: the loop below finds out why
+        finally:
+            ended.set()
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     tasks = {name: asyncio.create_task(follow(name)) for name in states}
+    connectivity = _Connectivity(out, as_json)
+    lost = False
     while not stop.is_set():
-        # Names added later (a reloaded configuration) are found by listing again.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), _RELIST_SECONDS)
-        with contextlib.suppress(grpc.aio.AioRpcError):
-            for name in await list_names():
-                # New names, and streams that ended (the server restarted): follow again.
-                if name not in tasks or tasks[name].done():
-                    tasks[name] = asyncio.create_task(follow(name))
+        waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(ended.wait())]
+        await asyncio.wait(waiters, timeout=connectivity.pause, return_when=FIRST_COMPLETED)
+        for waiter in waiters:
+            waiter.cancel()
+        if stop.is_set():
+            break
+        ended.clear()
+        try:
+            names = await list_names()
+        except grpc.aio.AioRpcError as error:
+            gone = error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+            # Any other error is an answer, if not a kind one: still connected.
+            if gone and connectivity.lost(error.code().name) and exit_on_loss:
+                lost = True
+                break
+            continue
+        connectivity.answered()
+        for name in names:
+            # New names (a reloaded configuration), and streams that ended (the
+            # server restarted): follow again.
+            if name not in tasks or tasks[name].done():
+                tasks[name] = asyncio.create_task(follow(name))
     for task in tasks.values():
         task.cancel()
     await asyncio.gather(*tasks.values(), return_exceptions=True)
+    return lost

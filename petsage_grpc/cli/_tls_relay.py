@@ -1,10 +1,10 @@
 """A loopback relay that speaks TLS to a server without verifying its certificate.
 
-grpcio has no way to skip certificate verification, which grpc_health_probe's
-``-tls-no-verify`` asks for. The probe therefore talks plaintext HTTP/2 to this relay on
+grpcio has no way to skip certificate verification, which ``--tls-no-verify`` asks for.
+``petsage-grpc status`` (a grpcio client) therefore talks plaintext HTTP/2 to this relay on
 127.0.0.1, and the relay makes the TLS connection (ALPN h2, client certificate if given)
-with verification off. A failed handshake closes the relayed connection, which the probe
-reports as a connection failure, as grpc_health_probe does.
+with verification off. A failed handshake closes the relayed connection, which the client
+reports as a connection failure. (The probe needs no relay: it speaks HTTP/2 over ``ssl``.)
 
 The relay runs an asyncio loop on one daemon thread: an SSL socket must never be read
 and written from two threads at once.
@@ -44,16 +44,17 @@ async def _serve(
     async def relay(
         client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter
     ) -> None:
+        # Cancelled only when the relay stops, here too (a server that never completes the
+        # handshake): end quietly, as asyncio's stream callback would otherwise print the
+        # cancellation as an error with its traceback (Python 3.11, streams.py).
         try:
             server_reader, server_writer = await asyncio.wait_for(
                 asyncio.open_connection(host, port, ssl=context, server_hostname=host or None),
                 connect_limit,
             )
-        except (OSError, ssl.SSLError, TimeoutError):
+        except (OSError, ssl.SSLError, TimeoutError, asyncio.CancelledError):
             client_writer.close()
             return
-        # Cancelled only when the relay stops: end quietly, as asyncio's stream callback
-        # would otherwise log the cancellation as an error.
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(
                 _pump(client_reader, server_writer), _pump(server_reader, client_writer)
@@ -67,7 +68,10 @@ async def _serve(
     async with listener:
         await stop.wait()
     # End the relayed connections here, not in the interpreter's finalisation, which
-    # would complain about tasks destroyed while pending.
+    # would complain about tasks destroyed while pending. The process is exiting: a
+    # connection cancelled before its task first ran has nothing to report (asyncio's
+    # stream callback would print its CancelledError with a traceback).
+    asyncio.get_running_loop().set_exception_handler(lambda _loop, _context: None)
     others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
     for task in others:
         task.cancel()

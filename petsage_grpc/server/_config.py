@@ -23,11 +23,16 @@ _CHECK_DURATIONS: Final = ("interval", "timeout", "initial_delay")
 
 
 class ConfigError(Exception):
-    """The configuration file is unusable; ``problems`` has one line per problem."""
+    """The configuration file is unusable; ``problems`` has one line per problem.
 
-    def __init__(self, problems: list[str]) -> None:
+    ``settings`` holds the ``[server]`` values that were valid nonetheless (the log
+    format, say, so that the problems can be reported in it).
+    """
+
+    def __init__(self, problems: list[str], *, settings: Mapping[str, Any] | None = None) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
+        self.settings: Mapping[str, Any] = settings or {}
 
 
 @dataclass(frozen=True)
@@ -89,7 +94,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     token, protect_reflection = _auth(_section(document, "auth", problem), problem)
     checks = _checks(document.get("checks", []), problem)
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(problems, settings=server_values)
     return Config(
         server=server_values,
         checks=tuple(checks),
@@ -104,8 +109,13 @@ def _auth(auth: Mapping[str, Any], problem: Callable[[str, str], None]) -> tuple
         problem(f"auth.{key}", "unknown key (expected token_env, protect_reflection)")
     token_env = auth.get("token_env")
     token = None
-    if token_env is not None:
-        token = os.environ.get(token_env) if isinstance(token_env, str) else None
+    if token_env is not None and not isinstance(token_env, str):
+        problem(
+            "auth.token_env",
+            f"must be a string, the name of an environment variable, not {token_env!r}",
+        )
+    elif token_env is not None:
+        token = os.environ.get(token_env)
         if token is None:
             problem("auth.token_env", f"environment variable {token_env!r} is not set")
         elif not token.strip() or any(c.isspace() for c in token.strip()):
@@ -140,17 +150,18 @@ def _checks(entries: object, problem: Callable[[str, str], None]) -> list[Check]
     checks: list[Check] = []
     seen: set[str] = set()
     for index, entry in enumerate(entries):
-        label = f"checks[{index}]" + (
-            f" ({entry['name']!r})" if isinstance(entry.get("name"), str) else ""
-        )
-        check = _check(entry, _prefixed(problem, label))
-        if check is None:
-            continue
-        if check.name in seen:
-            problem(f"{label}.name", f"duplicate check name {check.name!r}")
-            continue
-        seen.add(check.name)
-        checks.append(check)
+        name = entry.get("name")
+        label = f"checks[{index}]" + (f" ({name!r})" if isinstance(name, str) else "")
+        report = _prefixed(problem, label)
+        # Judged on the name alone, so that an entry with other problems shows this one too.
+        duplicate = isinstance(name, str) and name in seen
+        if duplicate:
+            report("name", f"duplicate check name {name!r}")
+        elif isinstance(name, str):
+            seen.add(name)
+        check = _check(entry, report)
+        if check is not None and not duplicate:
+            checks.append(check)
     return checks
 
 

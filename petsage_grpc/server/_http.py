@@ -7,8 +7,11 @@ the same status board as the gRPC services, so HTTP and gRPC never disagree.
   smoke test's entry is SERVING, else 503 ``{"status": "unavailable", "message": ...}``.
 - ``GET|HEAD /livez``, ``/readyz``, ``/startupz``: 200 or 503 following ``liveness``,
   ``readiness``, ``startup``; ``?verbose`` adds one line per dependency check (names
-  only, and only for callers with the bearer token when one is configured).
+  only, and only for callers with the bearer token when one is configured), and on
+  ``/livez`` one for the event loop (its lag and stalls).
 - ``GET /metrics``: Prometheus text, when metrics are on.
+- ``GET /``: the status page for people, and ``GET /status.json``, the same for scripts
+  (see :mod:`petsage_grpc.server._status_page`).
 
 Built on aiohttp's low-level server so that even its answers to malformed requests
 carry no version and echo nothing back, and log no traceback (one warning a minute per
@@ -30,6 +33,8 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from petsage_grpc.board._heartbeat import LoopHeartbeat
+from petsage_grpc.board._monitor import HealthMonitor
 from petsage_grpc.board._status import (
     LIVENESS,
     READINESS,
@@ -40,6 +45,7 @@ from petsage_grpc.board._status import (
 )
 from petsage_grpc.server._logging import WarningTally
 from petsage_grpc.server._metrics import Metrics
+from petsage_grpc.server._status_page import StatusPage
 from petsage_grpc.services._auth import BearerToken
 from petsage_grpc.services._smoke_test import NOT_SERVING_DETAILS, SMOKE_TEST_MESSAGE, check_states
 
@@ -178,19 +184,37 @@ class HttpFace:
         *,
         metrics: Metrics | None = None,
         auth: BearerToken | None = None,
+        monitor: HealthMonitor | None = None,
         report_checks: bool = True,
+        heartbeat: LoopHeartbeat | None = None,
         limits: HttpLimits | None = None,
     ) -> None:
+        """Serve *board*; *monitor*'s checks on the status page unless not *report_checks*.
+
+        *heartbeat*, when the server runs one, adds the event loop's lag and stalls to
+        ``/livez?verbose`` and the status page. *limits* caps connections (HttpLimits
+        defaults if None).
+        """
         self._board = board
         self._metrics = metrics
         self._auth = auth
         self._report_checks = report_checks
         self._limits = limits or HttpLimits()
+        self._heartbeat = heartbeat
         self._routes: dict[str, _Handler] = {SMOKE_TEST_PATH: self._smoke_test}
         for path, service in _PROBES.items():
             self._routes[path] = self._probe(service)
         if metrics is not None:
             self._routes["/metrics"] = self._render_metrics
+        page = StatusPage(
+            board,
+            monitor=monitor,
+            report_checks=report_checks,
+            may_see_checks=self._may_see_checks,
+            headers=_HEADERS,
+            loop_lag=None if heartbeat is None else (lambda: heartbeat.lag_seconds),
+        )
+        self._routes.update(page.routes())
         self._runner: web.ServerRunner | None = None
 
     async def _handle(self, request: web.BaseRequest) -> web.Response:
@@ -224,10 +248,17 @@ class HttpFace:
             if "verbose" in request.query and self._may_see_checks(request):
                 for name, ok in sorted(check_states(self._board).items()):
                     lines.append(f"[+]{name} ok" if ok else f"[-]{name} failed")
+                if service == LIVENESS and self._heartbeat is not None:
+                    lines.append(self._loop_line(self._heartbeat))
             lines.append(f"{request.path.strip('/')} {'ok' if serving else 'failed'}")
             return _plain(200 if serving else 503, "\n".join(lines) + "\n")
 
         return probe
+
+    @staticmethod
+    def _loop_line(heartbeat: LoopHeartbeat) -> str:
+        lag = f"lag {heartbeat.lag_seconds * 1000:.0f}ms, {heartbeat.stalls} stall(s)"
+        return f"[-]event-loop stalled: {lag}" if heartbeat.stalled else f"[+]event-loop ok: {lag}"
 
     def _may_see_checks(self, request: web.BaseRequest) -> bool:
         """SmokeTest's rule: check names only with report_checks, and with the token if any."""

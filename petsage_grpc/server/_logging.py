@@ -1,15 +1,23 @@
-"""Log output for the standalone server: one line per event, as text or JSON."""
+"""Log output for the standalone server: one line per event, as text or JSON.
+
+In JSON, every line the server writes to stderr is one JSON object, from the first:
+problems found before the server runs (:func:`startup_error_line`), Python warnings and
+exceptions that escape a thread included. grpc core writes its own lines in its own
+format and offers no way to route them here (grpc/grpc#38703), so the command line
+silences it in JSON unless ``GRPC_VERBOSITY`` is set (docs/operations.md).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import sys
+import threading
 import time
 from datetime import UTC, datetime
 from typing import Final, Literal
 
-__all__ = ["WarningTally", "configure_logging"]
+__all__ = ["WarningTally", "configure_logging", "startup_error_line"]
 
 # Fields that callers attach with ``extra=`` and that the JSON format carries as keys.
 _EXTRA_FIELDS: Final = (
@@ -52,13 +60,50 @@ class _TextFormatter(logging.Formatter):
         return line
 
 
+def startup_error_line(message: str, *, fmt: Literal["text", "json"] | str, prog: str) -> str:
+    """One line for a problem that stops *prog* before it runs, in the log format *fmt*.
+
+    Text keeps the command-line convention ``<prog>: error: <message>``; JSON is a log
+    record like every other line (level ``error``, ``event`` ``startup_error``).
+    """
+    if fmt != "json":
+        return f"{prog}: error: {message}"
+    record = logging.makeLogRecord(
+        {
+            "name": "petsage_grpc.cli",
+            "levelno": logging.ERROR,
+            "levelname": "ERROR",
+            "msg": message,
+            "event": "startup_error",
+        }
+    )
+    return _JsonFormatter().format(record)
+
+
+def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return
+    thread = args.thread.name if args.thread is not None else "a thread"
+    logging.getLogger("petsage_grpc").error(
+        "unexpected error in %s",
+        thread,
+        exc_info=(args.exc_type, args.exc_value or args.exc_type(), args.exc_traceback),
+    )
+
+
 def configure_logging(*, level: str, fmt: Literal["text", "json"] | str) -> None:
-    """Send every log record at *level* or above to stderr, one line each, in *fmt*."""
+    """Send every log record at *level* or above to stderr, one line each, in *fmt*.
+
+    Python warnings and exceptions that end a thread are logged too, so that they
+    follow *fmt* rather than print their own lines.
+    """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JsonFormatter() if fmt == "json" else _TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    logging.captureWarnings(True)
+    threading.excepthook = _log_thread_exception
 
 
 class WarningTally:

@@ -1,4 +1,4 @@
-"""Prometheus metrics: served statuses, dependency checks and RPCs.
+"""Prometheus metrics: served statuses, dependency checks, event loop lag and RPCs.
 
 Statuses and check states are read from the board and the monitor when Prometheus
 scrapes, so they cost nothing between scrapes. RPCs are counted by a server interceptor
@@ -12,10 +12,11 @@ from typing import Any
 
 import grpc
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from petsage_grpc.board._check import CHECK_PREFIX
+from petsage_grpc.board._heartbeat import LoopHeartbeat
 from petsage_grpc.board._monitor import HealthMonitor
 from petsage_grpc.board._status import ServingStatus, StatusBoard
 
@@ -23,13 +24,19 @@ __all__ = ["Metrics"]
 
 
 class _StateCollector(Collector):
-    """Board statuses and, with *with_checks*, each dependency check by name."""
+    """Board statuses, loop lag and, with *with_checks*, each dependency check by name."""
 
     def __init__(
-        self, board: StatusBoard, monitor: HealthMonitor | None, *, with_checks: bool
+        self,
+        board: StatusBoard,
+        monitor: HealthMonitor | None,
+        heartbeat: LoopHeartbeat | None,
+        *,
+        with_checks: bool,
     ) -> None:
         self._board = board
         self._monitor = monitor
+        self._heartbeat = heartbeat
         self._with_checks = with_checks
 
     def collect(self) -> Iterator[Metric]:
@@ -42,6 +49,19 @@ class _StateCollector(Collector):
             if self._with_checks or not name.startswith(CHECK_PREFIX):
                 serving.add_metric([name], 1.0 if status is ServingStatus.SERVING else 0.0)
         yield serving
+        if self._heartbeat is not None:
+            yield GaugeMetricFamily(
+                "petsage_grpc_event_loop_lag_seconds",
+                "How late the event loop runs a timer now (its last beat, or how overdue "
+                "the next one is).",
+                value=self._heartbeat.lag_seconds,
+            )
+            yield CounterMetricFamily(
+                "petsage_grpc_event_loop_stalls",
+                "Times the event loop did not run for longer than the stall threshold "
+                "(liveness then reports NOT_SERVING).",
+                value=self._heartbeat.stalls,
+            )
         if self._monitor is None or not self._with_checks:
             return
         duration = GaugeMetricFamily(
@@ -59,6 +79,23 @@ class _StateCollector(Collector):
             "When the check last passed (seconds since the epoch).",
             labels=["check"],
         )
+        # For the alerting rules (deploy/prometheus-rules.yaml): which checks are critical,
+        # how close each attempt comes to its timeout, and how often a check flaps.
+        serving_check = GaugeMetricFamily(
+            "petsage_grpc_check_serving",
+            "1 if the check reports SERVING, else 0; critical checks gate readiness.",
+            labels=["check", "critical"],
+        )
+        timeout = GaugeMetricFamily(
+            "petsage_grpc_check_timeout_seconds",
+            "The check's timeout: the budget of one attempt.",
+            labels=["check"],
+        )
+        changes = CounterMetricFamily(
+            "petsage_grpc_check_status_changes",
+            "How often the check's status changed between SERVING and NOT_SERVING.",
+            labels=["check"],
+        )
         for state in self._monitor.states:
             labels = [state.check.name]
             if state.last_duration is not None:
@@ -66,7 +103,11 @@ class _StateCollector(Collector):
             failures.add_metric(labels, state.consecutive_failures)
             if state.last_success_time is not None:
                 last_success.add_metric(labels, state.last_success_time)
-        yield from (duration, failures, last_success)
+            critical = "true" if state.check.critical else "false"
+            serving_check.add_metric([state.check.name, critical], 1.0 if state.serving else 0.0)
+            timeout.add_metric(labels, state.check.timeout)
+            changes.add_metric(labels, state.flips)
+        yield from (duration, failures, last_success, serving_check, timeout, changes)
 
 
 class _RpcCounter(grpc.aio.ServerInterceptor):
@@ -150,12 +191,18 @@ class Metrics:
     when asked for, so that the caller can apply the rules SmokeTest applies to them.
     """
 
-    def __init__(self, board: StatusBoard, monitor: HealthMonitor | None = None) -> None:
+    def __init__(
+        self,
+        board: StatusBoard,
+        monitor: HealthMonitor | None = None,
+        *,
+        heartbeat: LoopHeartbeat | None = None,
+    ) -> None:
         self.registry = CollectorRegistry()
         """Everything, check names included."""
-        self.registry.register(_StateCollector(board, monitor, with_checks=True))
+        self.registry.register(_StateCollector(board, monitor, heartbeat, with_checks=True))
         self._public = CollectorRegistry()
-        self._public.register(_StateCollector(board, monitor, with_checks=False))
+        self._public.register(_StateCollector(board, monitor, heartbeat, with_checks=False))
         self.interceptor: grpc.aio.ServerInterceptor = _RpcCounter(self.registry, self._public)
 
     def render(self, *, with_checks: bool = True) -> tuple[bytes, str]:

@@ -16,12 +16,14 @@ from typing import TYPE_CHECKING, Final
 import grpc
 
 from petsage_grpc.board._check import Check
+from petsage_grpc.board._heartbeat import DEFAULT_STALL_SECONDS, LoopHeartbeat
 from petsage_grpc.board._monitor import HealthMonitor
 from petsage_grpc.board._status import StatusBoard
 from petsage_grpc.services._auth import BearerToken
 from petsage_grpc.services._drain import graceful_stop
 from petsage_grpc.services._embed import add_to_server
 from petsage_grpc.services._health import HealthLimits
+from petsage_grpc.services._probe_listener import ProbeListener
 
 __all__ = ["SERVER_OPTIONS", "ListenError", "ServeOptions", "format_address", "serve"]
 
@@ -85,7 +87,11 @@ class ServeOptions:
     http_port: int | None = None
     """Serve the HTTP endpoints and Prometheus ``/metrics`` on this port; None: off."""
     probe_port: int | None = None
-    """Also serve ``grpc.health.v1.Health`` alone, in plaintext, on this port; None: off."""
+    """Also serve Health's Check and Watch, in plaintext, from a thread of their own; None: off."""
+    loop_stall_seconds: float = DEFAULT_STALL_SECONDS
+    """``liveness`` reports NOT_SERVING while the event loop has not run for this long."""
+    shed_lag_seconds: float | None = None
+    """Readiness also follows the event loop's lag above this (with hysteresis); None: off."""
     tls: TlsFiles | None = None
     """Serve TLS (mTLS with a client CA) on the main port; None: plaintext."""
     auth_token: str | None = field(default=None, repr=False)
@@ -165,6 +171,9 @@ class _Assembly:
     port: int
     monitor: HealthMonitor
     http: HttpFace | None
+    probe: ProbeListener | None
+    heartbeat: LoopHeartbeat | None
+    """Beats on the event loop; the probe listener's own, or alone for metrics."""
     guard: MemoryGuard | None
 
 
@@ -188,6 +197,25 @@ async def _assemble(options: ServeOptions, board: StatusBoard) -> _Assembly:
         except TlsError as error:
             raise ListenError(str(error)) from None
     monitor = HealthMonitor(board, options.checks)
+    probe = heartbeat = None
+    if options.probe_port is not None:
+        # Check and Watch from a thread of their own: answered however busy this loop is.
+        probe = ProbeListener(
+            board,
+            host=options.host,
+            port=options.probe_port,
+            stall_seconds=options.loop_stall_seconds,
+            shed_lag_seconds=options.shed_lag_seconds,
+            max_service_name_length=options.limits.max_service_name_length,
+        )
+        heartbeat = probe.heartbeat
+    elif options.http_port is not None:
+        # For the loop-lag metric and /livez?verbose; a server without either runs no timer.
+        heartbeat = LoopHeartbeat(
+            board,
+            stall_seconds=options.loop_stall_seconds,
+            shed_lag_seconds=options.shed_lag_seconds,
+        )
     metrics = http = None
     if options.http_port is not None:
         # aiohttp and prometheus-client cost a quarter of a second to import and memory
@@ -195,12 +223,14 @@ async def _assemble(options: ServeOptions, board: StatusBoard) -> _Assembly:
         from petsage_grpc.server._http import HttpFace, HttpLimits  # noqa: PLC0415
         from petsage_grpc.server._metrics import Metrics  # noqa: PLC0415
 
-        metrics = Metrics(board, monitor)
+        metrics = Metrics(board, monitor, heartbeat=heartbeat)
         http = HttpFace(
             board,
             metrics=metrics,
             auth=None if options.auth_token is None else BearerToken(options.auth_token),
+            monitor=monitor,
             report_checks=options.report_checks,
+            heartbeat=heartbeat,
             limits=HttpLimits(access_log=options.http_access_log),
         )
     interceptors: list[grpc.aio.ServerInterceptor] = []
@@ -220,14 +250,8 @@ async def _assemble(options: ServeOptions, board: StatusBoard) -> _Assembly:
         interceptors.append(guard)
     if metrics is not None:
         interceptors.append(metrics.interceptor)
-    # The budget's caps belong to the main server; the probe server keeps its own.
+    # The budget's caps belong to the main server; the probe listener keeps its own.
     server = grpc.aio.server(options=server_options, interceptors=interceptors or None)
-    servers = [server]
-    probe_server = None
-    if options.probe_port is not None:
-        # Check and Watch alone, for kubelet probes that cannot speak TLS.
-        probe_server = grpc.aio.server(options=SERVER_OPTIONS)
-        servers.append(probe_server)
     add_to_server(
         server,
         board=board,
@@ -235,7 +259,6 @@ async def _assemble(options: ServeOptions, board: StatusBoard) -> _Assembly:
         report_checks=options.report_checks,
         auth_token=options.auth_token,
         protect_reflection=options.protect_reflection,
-        probe_server=probe_server,
     )
     address = format_address(options.host, options.port)
     try:
@@ -243,13 +266,19 @@ async def _assemble(options: ServeOptions, board: StatusBoard) -> _Assembly:
             port = server.add_insecure_port(address)
         else:
             port = server.add_secure_port(address, credentials)
-        if probe_server is not None and options.probe_port is not None:
-            probe_server.add_insecure_port(format_address(options.host, options.probe_port))
     except RuntimeError:
         # Lost a race for a port since the check above; grpc has logged the details.
-        await asyncio.gather(*(each.stop(None) for each in servers))
+        await server.stop(None)
         raise ListenError(f"cannot listen on {address}") from None
-    return _Assembly(servers=servers, port=port, monitor=monitor, http=http, guard=guard)
+    return _Assembly(
+        servers=[server],
+        port=port,
+        monitor=monitor,
+        http=http,
+        probe=probe,
+        heartbeat=heartbeat,
+        guard=guard,
+    )
 
 
 async def serve(
@@ -271,11 +300,16 @@ async def serve(
     parts = await _assemble(options, board)
     async with contextlib.AsyncExitStack() as stack:
         signals = stack.enter_context(_Signals())
+        if parts.probe is not None:
+            # First in, so last out: the probe listener stops after the servers. Stopping
+            # one that never started does nothing.
+            stack.push_async_callback(parts.probe.stop, 0)
         for each in parts.servers:
             stack.push_async_callback(each.stop, None)
         # Before the first answer, so that readiness already follows the checks.
         await parts.monitor.start()
         stack.push_async_callback(parts.monitor.stop)
+        await _start_probe_listener(parts, options, stack)
         for each in parts.servers:
             await each.start()
         if parts.guard is not None:
@@ -297,11 +331,11 @@ async def serve(
             " with TLS" if options.tls is not None else "",
             extra={"event": "started", "address": bound, "port": parts.port},
         )
-        if options.probe_port is not None:
+        if parts.probe is not None:
             _log.info(
                 "serving health probes in plaintext on port %d",
-                options.probe_port,
-                extra={"event": "probe_port", "port": options.probe_port},
+                parts.probe.port,
+                extra={"event": "probe_port", "port": parts.probe.port},
             )
         if on_listening is not None:
             on_listening(parts.port)
@@ -326,10 +360,26 @@ async def serve(
                 drain_seconds=options.drain_seconds,
                 grace_seconds=options.grace_seconds,
                 hurry=signals.hurry,
+                probe_listener=parts.probe,
             )
         finally:
             gc.enable()
     _log.info("stopped", extra={"event": "stopped"})
+
+
+async def _start_probe_listener(
+    parts: _Assembly, options: ServeOptions, stack: contextlib.AsyncExitStack
+) -> None:
+    """Start the probe listener (with its heartbeat), or the heartbeat alone if there is one."""
+    if parts.probe is not None:
+        try:
+            await parts.probe.start()
+        except OSError:
+            address = format_address(options.host, options.probe_port or 0)
+            raise ListenError(f"cannot listen on {address}") from None
+    elif parts.heartbeat is not None:
+        parts.heartbeat.start()
+        stack.push_async_callback(parts.heartbeat.stop)
 
 
 class _Signals:

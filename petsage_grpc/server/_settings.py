@@ -18,6 +18,7 @@ __all__ = ["ENV_PREFIX", "SERVER_SETTINGS", "Setting", "resolve_settings"]
 ENV_PREFIX: Final = "PETSAGE_GRPC_"
 LOG_FORMATS: Final = ("text", "json")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+_MIN_STALL_SECONDS: Final = 0.5
 
 
 def _port(value: object) -> int:
@@ -37,6 +38,21 @@ def _seconds(value: object) -> float:
         with contextlib.suppress(ValueError):
             value = float(value)
     return parse_duration(value)
+
+
+def _stall_seconds(value: object) -> float:
+    """A stall threshold: more than zero; 0.5 s at least, so that a busy loop is not a stall."""
+    seconds = _seconds(value)
+    if seconds < _MIN_STALL_SECONDS:
+        raise ValueError(f"must be at least {_MIN_STALL_SECONDS:g}s, not {value!r}")
+    return seconds
+
+
+def _lag_seconds(value: object) -> float:
+    seconds = _seconds(value)
+    if seconds <= 0:
+        raise ValueError(f"must be greater than zero, not {value!r}")
+    return seconds
 
 
 def _choice(*choices: str) -> Callable[[object], str]:
@@ -130,8 +146,9 @@ SERVER_SETTINGS: Final = (
         "http_port",
         _port,
         None,
-        "serve HTTP on this port: /api/v1/health/smoke-test, /livez, /readyz, /startupz and "
-        "Prometheus /metrics (default: off)",
+        "serve HTTP on this port: the status page / and /status.json, "
+        "/api/v1/health/smoke-test, /livez, /readyz, /startupz and Prometheus /metrics "
+        "(default: off)",
     ),
     Setting("tls_cert", _path, None, "serve TLS with this PEM certificate chain (needs --tls-key)"),
     Setting("tls_key", _path, None, "the PEM private key for --tls-cert"),
@@ -145,8 +162,25 @@ SERVER_SETTINGS: Final = (
         "probe_port",
         _port,
         None,
-        "also serve Health's Check and Watch alone, in plaintext, on this port (for kubelet "
-        "probes while the main port requires TLS; default: off)",
+        "also serve Health's Check and Watch alone, in plaintext, on this port, from a thread "
+        "of their own: kubelet probes are answered however busy the server is, and while the "
+        "main port requires TLS (default: off)",
+    ),
+    Setting(
+        "loop_stall_seconds",
+        _stall_seconds,
+        10.0,
+        "report liveness NOT_SERVING on the probe port while the event loop has not run for "
+        "this long, SERVING again once it runs (default: 10, one kubelet probe period; "
+        "at least 0.5)",
+    ),
+    Setting(
+        "shed_lag_seconds",
+        _lag_seconds,
+        None,
+        "also report readiness NOT_SERVING while the event loop runs this late (3 beats in a "
+        "row, about 3 s), until it runs under half of it (5 beats in a row); needs "
+        "--probe-port or --http-port (default: off)",
     ),
     Setting(
         "auth_token_file",

@@ -58,7 +58,10 @@ class BearerToken:
             ) from None
         except UnicodeDecodeError:
             raise ValueError(f"the token file {path} is not UTF-8 text") from None
-        BearerToken(token)  # the same rules as for a token given in code
+        try:
+            BearerToken(token)  # the same rules as for a token given in code
+        except ValueError as error:
+            raise ValueError(f"the token file {path} holds no usable token: {error}") from None
         return token
 
     def __repr__(self) -> str:

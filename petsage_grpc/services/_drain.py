@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import grpc
 
 from petsage_grpc.board._status import StatusBoard
+from petsage_grpc.services._probe_listener import ProbeListener
 
 __all__ = ["graceful_stop"]
 
@@ -23,6 +24,7 @@ async def graceful_stop(
     drain_seconds: float,
     grace_seconds: float,
     hurry: asyncio.Event | None = None,
+    probe_listener: ProbeListener | None = None,
 ) -> None:
     """Drain, end Watch streams, then stop *server*, in that order.
 
@@ -38,6 +40,10 @@ async def graceful_stop(
 
     *server* may be several servers that answer from the same board (for example a
     TLS port and a plaintext probe port); they are stopped together.
+
+    A *probe_listener* answers from the same board throughout (readiness NOT_SERVING,
+    liveness kept) and stops last, once every server has stopped: the kubelet never
+    meets a refused connection while the pod stops cleanly.
 
     Setting *hurry* (for example on a second SIGTERM) cuts the drain wait and the
     grace period short.
@@ -61,6 +67,11 @@ async def graceful_stop(
         await _stop_all(servers, 0)
     hurried_wait.cancel()
     await stopping
+    if probe_listener is not None:
+        _log.info(
+            "servers stopped; stopping the probe listener", extra={"event": "servers_stopped"}
+        )
+        await probe_listener.stop(0)
     board.shutdown()
 
 

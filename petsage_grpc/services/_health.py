@@ -21,11 +21,11 @@ from petsage_grpc.board._status import ServingStatus, StatusBoard
 from petsage_grpc.services._auth import UNAUTHENTICATED_DETAILS, BearerToken
 from petsage_grpc.services._registration import RequestGate, register_service
 
-__all__ = ["HEALTH_SERVICE", "HealthLimits", "add_health_service"]
+__all__ = ["HEALTH_SERVICE", "RESPONSES", "HealthLimits", "add_health_service"]
 
 HEALTH_SERVICE: Final = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
-_RESPONSES: Final = {
+RESPONSES: Final = {  # pre-serialized answers, by status
     status: health_pb2.HealthCheckResponse(status=status.name).SerializeToString()
     for status in ServingStatus
 }
@@ -118,7 +118,7 @@ class _HealthServicer:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         if status is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, "unknown service")
-        return _RESPONSES[status]
+        return RESPONSES[status]
 
     async def watch(
         self, requests: object, context: grpc.aio.ServicerContext[bytes, bytes]
@@ -148,7 +148,7 @@ class _HealthServicer:
             # (this one) instead of two.
             status: ServingStatus | None = None
             while (status := await watcher.next(status)) is not None:
-                yield _RESPONSES[status]
+                yield RESPONSES[status]
         finally:
             self._board.unsubscribe(service, watcher)
             self._watches -= 1

@@ -34,10 +34,12 @@ def check_states(board: StatusBoard) -> dict[str, bool]:
     }
 
 
-def _answer(checks: dict[str, bool]) -> bytes:
+def _answer(checks: dict[str, bool], loop_lag: float | None = None) -> bytes:
     response = smoke_test_service_pb2.SmokeTestResponse(status="ok", message=SMOKE_TEST_MESSAGE)
     for name in sorted(checks):
         response.checks.add(name=name, serving=checks[name])
+    if loop_lag is not None:
+        response.event_loop_lag_seconds = round(loop_lag, 4)
     return response.SerializeToString()
 
 
@@ -71,7 +73,8 @@ class _SmokeTestServicer:
         if self._auth is not None and not self._auth.allows(context.invocation_metadata()):
             return self._plain
         checks = check_states(self._board)
-        return _answer(checks) if checks else self._plain
+        lag = self._board.loop_lag_seconds
+        return _answer(checks, lag) if checks or lag is not None else self._plain
 
 
 def add_smoke_test_service(
@@ -85,7 +88,8 @@ def add_smoke_test_service(
     """Register ``petsage.v1.SmokeTestService`` on *server*, answering from *board*.
 
     With *report_checks*, a serving answer lists each dependency check (``check.<name>``
-    on the board) by name with its state; without, it lists none. With *auth*, the list
+    on the board) by name with its state, and the event loop's lag while a loop
+    heartbeat runs on the board; without, it lists neither. With *auth*, the list
     is given only to callers that send the bearer token; others get the plain answer.
     *gate* bounds the calls waiting for their request message.
     """

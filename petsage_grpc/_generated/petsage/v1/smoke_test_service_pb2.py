@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#petsage/v1/smoke_test_service.proto\x12\npetsage.v1\"\x12\n\x10SmokeTestRequest\"`\n\x11SmokeTestResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12*\n\x06\x63hecks\x18\x03 \x03(\x0b\x32\x1a.petsage.v1.SmokeTestCheck\"/\n\x0eSmokeTestCheck\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07serving\x18\x02 \x01(\x08\x32\\\n\x10SmokeTestService\x12H\n\tSmokeTest\x12\x1c.petsage.v1.SmokeTestRequest\x1a\x1d.petsage.v1.SmokeTestResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#petsage/v1/smoke_test_service.proto\x12\npetsage.v1\"\x12\n\x10SmokeTestRequest\"\xa0\x01\n\x11SmokeTestResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12*\n\x06\x63hecks\x18\x03 \x03(\x0b\x32\x1a.petsage.v1.SmokeTestCheck\x12#\n\x16\x65vent_loop_lag_seconds\x18\x04 \x01(\x01H\x00\x88\x01\x01\x42\x19\n\x17_event_loop_lag_seconds\"/\n\x0eSmokeTestCheck\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07serving\x18\x02 \x01(\x08\x32\\\n\x10SmokeTestService\x12H\n\tSmokeTest\x12\x1c.petsage.v1.SmokeTestRequest\x1a\x1d.petsage.v1.SmokeTestResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,10 +33,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SMOKETESTREQUEST']._serialized_start=51
   _globals['_SMOKETESTREQUEST']._serialized_end=69
-  _globals['_SMOKETESTRESPONSE']._serialized_start=71
-  _globals['_SMOKETESTRESPONSE']._serialized_end=167
-  _globals['_SMOKETESTCHECK']._serialized_start=169
-  _globals['_SMOKETESTCHECK']._serialized_end=216
-  _globals['_SMOKETESTSERVICE']._serialized_start=218
-  _globals['_SMOKETESTSERVICE']._serialized_end=310
+  _globals['_SMOKETESTRESPONSE']._serialized_start=72
+  _globals['_SMOKETESTRESPONSE']._serialized_end=232
+  _globals['_SMOKETESTCHECK']._serialized_start=234
+  _globals['_SMOKETESTCHECK']._serialized_end=281
+  _globals['_SMOKETESTSERVICE']._serialized_start=283
+  _globals['_SMOKETESTSERVICE']._serialized_end=375
 # @@protoc_insertion_point(module_scope)

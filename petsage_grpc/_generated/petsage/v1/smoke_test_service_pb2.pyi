@@ -11,14 +11,16 @@ class SmokeTestRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SmokeTestResponse(_message.Message):
-    __slots__ = ("status", "message", "checks")
+    __slots__ = ("status", "message", "checks", "event_loop_lag_seconds")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     CHECKS_FIELD_NUMBER: _ClassVar[int]
+    EVENT_LOOP_LAG_SECONDS_FIELD_NUMBER: _ClassVar[int]
     status: str
     message: str
     checks: _containers.RepeatedCompositeFieldContainer[SmokeTestCheck]
-    def __init__(self, status: _Optional[str] = ..., message: _Optional[str] = ..., checks: _Optional[_Iterable[_Union[SmokeTestCheck, _Mapping]]] = ...) -> None: ...
+    event_loop_lag_seconds: float
+    def __init__(self, status: _Optional[str] = ..., message: _Optional[str] = ..., checks: _Optional[_Iterable[_Union[SmokeTestCheck, _Mapping]]] = ..., event_loop_lag_seconds: _Optional[float] = ...) -> None: ...
 
 class SmokeTestCheck(_message.Message):
     __slots__ = ("name", "serving")
