@@ -33,6 +33,7 @@ from tcp_listener import TcpListener, free_port
 
 from petsage_grpc import HealthLimits
 from petsage_grpc.server._budget import derive_bounds
+from petsage_grpc.server._http import HttpLimits
 
 SpawnServer = Callable[..., ServerProcess]
 
@@ -40,6 +41,7 @@ ATTACK_SECONDS: Final = 3.0
 IO_TIMEOUT: Final = 30.0
 """Bound on waiting for the server to end or refuse something (it may be busy)."""
 BOUNDS: Final = derive_bounds(128)
+PER_PEER: Final = HttpLimits().max_connections_per_peer
 """What the default budget allows (the same arithmetic the server runs)."""
 
 
@@ -251,18 +253,21 @@ def test_http_connections_beyond_the_per_peer_cap_are_closed_at_once(
     http_server: tuple[ServerProcess, int],
 ) -> None:
     server, port = http_server
-    held = [socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) for _ in range(40)]
+    held = [
+        socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
+        for _ in range(PER_PEER + 8)
+    ]
     try:
         for sock in held:
             sock.sendall(b"GET /readyz HTTP/1.1\r\n")  # half a request, held
         # Refused ones are closed at once (readable: EOF or reset); the others wait for
         # the rest of their request until the 10 s idle timeout.
         wait_until(
-            lambda: len(select.select(held, [], [], 0)[0]) >= 40 - 32,
+            lambda: len(select.select(held, [], [], 0)[0]) >= 8,
             "the connections over the cap to be closed",
         )
         closed = len(select.select(held, [], [], 0)[0])
-        assert closed == 40 - 32, "the cap per peer address is 32"
+        assert closed == 8, f"the cap per peer address is {PER_PEER}"
         # Another address (as the kubelet's would be) still gets its answer.
         assert http_get(port, source="127.0.0.2") == 200
     finally:

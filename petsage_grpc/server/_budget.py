@@ -36,7 +36,7 @@ GRPC_CONNECTION_KIB: Final = 16
 """RSS per open, idle gRPC connection (measured: 300 connections, 5 MiB)."""
 FD_RESERVE: Final = 64
 """File descriptors never handed to clients: logs, config reloads, dependency checks."""
-HTTP_CONNECTIONS: Final = 256
+HTTP_CONNECTIONS: Final = 512
 """The HTTP face's cap (HttpLimits.max_connections)."""
 
 

@@ -76,10 +76,12 @@ def _plain(status: int, text: str, **headers: str) -> web.Response:
 class HttpLimits:
     """What one HTTP client can hold: connections, and how long an idle one stays."""
 
-    max_connections: int = 256
-    """Open connections in all; beyond, a new one is closed as soon as it is accepted."""
-    max_connections_per_peer: int = 32
-    """Open connections from one IP address (a probe comes from another address)."""
+    max_connections: int = 512
+    """Open connections in all; beyond, a new one is closed as soon as it is accepted
+    (aiohttp holds about 9 KiB per keep-alive connection)."""
+    max_connections_per_peer: int = 128
+    """Open connections from one IP address (a probe comes from another address); room
+    for a hundred status pages open behind one NAT address."""
     idle_seconds: float = 10.0
     """A connection without a whole request this long after it opened, or after its last
     answer, is closed: the header-read and the keep-alive timeout at once."""
