@@ -290,8 +290,10 @@ def test_malformed_http_requests_cost_one_line_and_no_traceback(
     for _ in range(30):
         with socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) as sock:
             sock.sendall(b"\x16\x03\x01garbage\r\n\r\n")
-            while sock.recv(65536):
-                pass
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.0 400 "), answer[:40]
     assert http_get(port) == 200
     wait_until(lambda: "malformed HTTP requests" in server.log(), "the warning line")
     log = server.log()

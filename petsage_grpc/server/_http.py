@@ -141,7 +141,6 @@ class _QuietRequestHandler(web.RequestHandler):
     ) -> web.StreamResponse:
         # aiohttp's own handle_error logs a traceback per request: one counted line instead.
         self._quiet.malformed.add(_error_kind(status, exc))
-        self.force_close()
         response = _plain(status, f"{status} {HTTPStatus(status).phrase}\n")
         response.force_close()
         return response
