@@ -523,3 +523,26 @@ def test_health_answers_a_gzip_client_of_a_gzip_server(gzip_server: InProcessSer
             assert stream.next() is NOT_SERVING
         finally:
             stream.cancel()
+
+
+def test_admit_watch_refuses_new_streams_only(
+    start_server: Callable[..., InProcessServer],
+) -> None:
+    admitting = threading.Event()
+    admitting.set()
+    server = start_server(admit_watch=admitting.is_set)
+    with open_channel(server.address) as channel:
+        health = Health.on(channel)
+        opened = WatchStream(health.watch(CheckRequest(service=READINESS), timeout=WATCH_TIMEOUT))
+        assert opened.next() is SERVING
+        admitting.clear()  # e.g. memory above the standalone server's watermark
+        refused = WatchStream(health.watch(CheckRequest(service=READINESS), timeout=WATCH_TIMEOUT))
+        assert refused.end() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert health.status(READINESS) is SERVING  # Check is never refused
+        server.board.set(READINESS, NOT_SERVING)
+        assert opened.next() is NOT_SERVING  # streams already open keep going
+        admitting.set()
+        again = WatchStream(health.watch(CheckRequest(service=READINESS), timeout=WATCH_TIMEOUT))
+        assert again.next() is NOT_SERVING
+        opened.cancel()
+        again.cancel()

@@ -5,7 +5,9 @@ the CONTINUATION flood), and glibc keeps freed heap memory, so RSS after an atta
 would stay near its peak. Once a second the guard reads the process's RSS:
 
 - above the watermark, new Watch streams on the main server are refused with
-  RESOURCE_EXHAUSTED (one warning line), until RSS is back under 80 % of the budget;
+  RESOURCE_EXHAUSTED (one warning line), until RSS is back under 80 % of the budget:
+  the health service asks :meth:`MemoryGuard.admits_watch` (no interceptor, so no
+  cost on any other call);
 - when RSS is more than 1.3 times what it was once started, ``malloc_trim(0)`` returns
   free heap pages to the system (at most every 5 s; a call took 0.04 ms on a 100 MB heap
   here).
@@ -17,16 +19,13 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, Final
-
-import grpc
 
 __all__ = ["MemoryGuard"]
 
 _log = logging.getLogger("petsage_grpc.server")
 _PAGE: Final = os.sysconf("SC_PAGE_SIZE")
-_WATCH: Final = "/grpc.health.v1.Health/Watch"
 _TRIM_RATIO: Final = 1.3
 _TRIM_EVERY: Final = 5.0
 
@@ -49,8 +48,8 @@ def _malloc_trim() -> Callable[[], Any] | None:
     return lambda: trim(0)
 
 
-class MemoryGuard(grpc.aio.ServerInterceptor):
-    """Watches RSS against *watermark_mib* of *budget_mib*; install it on the main server."""
+class MemoryGuard:
+    """Watches RSS against *watermark_mib* of *budget_mib*; the main server's Watch asks it."""
 
     def __init__(self, *, budget_mib: int, watermark_mib: int) -> None:
         self._watermark = watermark_mib * 2**20
@@ -107,20 +106,6 @@ class MemoryGuard(grpc.aio.ServerInterceptor):
         if self._trim is not None:
             self._trim()
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        if self.shedding and handler_call_details.method == _WATCH:
-            return _REFUSE_WATCH
-        return await continuation(handler_call_details)
-
-
-async def _refuse(request: object, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "the server is short of memory")
-
-
-_REFUSE_WATCH: Final[grpc.RpcMethodHandler[Any, Any]] = grpc.unary_unary_rpc_method_handler(_refuse)
+    def admits_watch(self) -> bool:
+        """Whether a new Watch stream may open: False while memory is above the watermark."""
+        return not self.shedding

@@ -247,7 +247,6 @@ async def _assemble(options: ServeOptions, board: StatusBoard) -> _Assembly:
         guard = MemoryGuard(
             budget_mib=options.bounds.budget_mib, watermark_mib=options.bounds.watermark_mib
         )
-        interceptors.append(guard)
     if metrics is not None:
         interceptors.append(metrics.interceptor)
     # The budget's caps belong to the main server; the probe listener keeps its own.
@@ -259,6 +258,7 @@ async def _assemble(options: ServeOptions, board: StatusBoard) -> _Assembly:
         report_checks=options.report_checks,
         auth_token=options.auth_token,
         protect_reflection=options.protect_reflection,
+        admit_watch=None if guard is None else guard.admits_watch,
     )
     address = format_address(options.host, options.port)
     try:

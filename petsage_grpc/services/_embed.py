@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import grpc
 
@@ -26,6 +26,7 @@ def add_to_server(
     auth_token: str | None = None,
     protect_reflection: bool = True,
     probe_server: grpc.aio.Server | None = None,
+    admit_watch: Callable[[], bool] | None = None,
 ) -> StatusBoard:
     """Add ``grpc.health.v1.Health``, ``petsage.v1.SmokeTestService`` and reflection to *server*.
 
@@ -52,6 +53,9 @@ def add_to_server(
         protect_reflection: With *auth_token*, reflection requires it too.
         probe_server: A second server (typically plaintext, for kubelet probes while
             *server* requires TLS) on which to serve Health's Check and Watch only.
+        admit_watch: Asked before each new Watch stream, beyond *limits*; False refuses
+            the stream with RESOURCE_EXHAUSTED (the standalone server refuses them while
+            its memory is above the budget's watermark). None admits up to *limits*.
 
     Returns:
         The status board, the single source of truth for what the server reports.
@@ -65,7 +69,13 @@ def add_to_server(
     # One gate for the server's calls that wait for a request message, whatever the service.
     gate = limits.request_gate()
     add_health_service(
-        server, board, limits=limits, auth=auth, probe_server=probe_server, gate=gate
+        server,
+        board,
+        limits=limits,
+        auth=auth,
+        probe_server=probe_server,
+        gate=gate,
+        admit_watch=admit_watch,
     )
     add_smoke_test_service(server, board, report_checks=report_checks, auth=auth, gate=gate)
     if reflection:

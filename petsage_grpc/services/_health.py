@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -85,11 +85,13 @@ class _HealthServicer:
         limits: HealthLimits,
         auth: BearerToken | None,
         gate: RequestGate,
+        admit_watch: Callable[[], bool] | None,
     ) -> None:
         self._board = board
         self._limits = limits
         self._auth = auth
         self._gate = gate
+        self._admit_watch = admit_watch
         self._watches = 0
         self._watches_by_peer: Counter[str] = Counter()
 
@@ -138,6 +140,8 @@ class _HealthServicer:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED, "too many Watch streams on this connection"
             )
+        if self._admit_watch is not None and not self._admit_watch():
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "the server is short of memory")
         watcher = self._board.subscribe(service)
         if watcher is None:
             return  # the server is stopping
@@ -187,16 +191,18 @@ def add_health_service(
     auth: BearerToken | None = None,
     probe_server: grpc.aio.Server | None = None,
     gate: RequestGate | None = None,
+    admit_watch: Callable[[], bool] | None = None,
 ) -> None:
     """Register ``grpc.health.v1.Health`` on *server*, answering from *board*.
 
     With *auth*, List requires the bearer token; Check and Watch never do. On
     *probe_server* (a plaintext port for kubelet probes beside a TLS one) only Check and
-    Watch are registered, sharing *server*'s Watch stream caps. *gate* bounds the calls
-    waiting for their request message (one from *limits* if None).
+    Watch are registered, sharing *server*'s Watch stream caps. *admit_watch*, if given,
+    is asked before each new Watch stream; False refuses it (RESOURCE_EXHAUSTED). *gate*
+    bounds the calls waiting for their request message (one from *limits* if None).
     """
     limits = limits or HealthLimits()
-    servicer = _HealthServicer(board, limits, auth, gate or limits.request_gate())
+    servicer = _HealthServicer(board, limits, auth, gate or limits.request_gate(), admit_watch)
     handlers: dict[str, grpc.RpcMethodHandler[bytes, bytes]] = {
         # Streaming on the server side only: see RequestGate. Clients see unary calls.
         "Check": grpc.stream_unary_rpc_method_handler(servicer.check),
