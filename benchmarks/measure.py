@@ -494,26 +494,24 @@ def _summarise(
 # -- Check p99 at a fixed rate, with and without a dependency that hangs ---------------
 
 
-def _paced(bench: Bench, config_name: str) -> dict[str, Any]:
+def paced_liveness_load(bench: Bench, proc: Proc, port: int, log: Path) -> dict[str, Any]:
+    """Check ``liveness`` at the hang section's fixed rate: rate, latencies, server CPU.
+
+    A warm-up of 500 calls first; *log* receives h2load's per-request log.
+
+    Raises:
+        RuntimeError: h2load saw a failed, errored or timed-out request.
+    """
     config = bench.config
-    proc, port = bench.start_server("petsage", config=config_name)
-    try:
-        time.sleep(config.hang_settle_seconds)  # let the hanging attempts start and time out
-        dependency = probe_once(port, "check.dep") if config_name != "none" else "n/a"
-        if config_name != "none" and dependency != "not SERVING":
-            raise RuntimeError(f"check.dep should be NOT_SERVING, the probe said {dependency}")
-        shape = ["-c", str(config.hang_connections)]
-        bench.h2load(bench.check_load(port, "liveness", ["-n", "500", *shape]), timeout=60)
-        log = bench.scratch / f"paced-{config_name}.log"
-        load = ["-D", _duration(config.hang_seconds), "--rps", str(config.hang_rps), *shape]
-        cpu, started = proc.cpu_seconds(), time.perf_counter()
-        output = bench.h2load(
-            bench.check_load(port, "liveness", [*load, "--log-file", str(log)]),
-            timeout=config.hang_seconds + 60,
-        )
-        wall, cpu = time.perf_counter() - started, proc.cpu_seconds() - cpu
-    finally:
-        bench.procs.stop(proc)
+    shape = ["-c", str(config.hang_connections)]
+    bench.h2load(bench.check_load(port, "liveness", ["-n", "500", *shape]), timeout=60)
+    load = ["-D", _duration(config.hang_seconds), "--rps", str(config.hang_rps), *shape]
+    cpu, started = proc.cpu_seconds(), time.perf_counter()
+    output = bench.h2load(
+        bench.check_load(port, "liveness", [*load, "--log-file", str(log)]),
+        timeout=config.hang_seconds + 60,
+    )
+    wall, cpu = time.perf_counter() - started, proc.cpu_seconds() - cpu
     result = parse_h2load(output)
     if result["failed"] or result["errored"] or result["timeout"]:
         raise RuntimeError(f"h2load saw failures: {result}")
@@ -529,8 +527,21 @@ def _paced(bench: Bench, config_name: str) -> dict[str, Any]:
         "p99_ms": percentile(latencies, 0.99),
         "max_ms": max(latencies, default=math.nan),
         "server_cpu_util": cpu / wall,
-        "dependency": dependency,
     }
+
+
+def _paced(bench: Bench, config_name: str) -> dict[str, Any]:
+    config = bench.config
+    proc, port = bench.start_server("petsage", config=config_name)
+    try:
+        time.sleep(config.hang_settle_seconds)  # let the hanging attempts start and time out
+        dependency = probe_once(port, "check.dep") if config_name != "none" else "n/a"
+        if config_name != "none" and dependency != "not SERVING":
+            raise RuntimeError(f"check.dep should be NOT_SERVING, the probe said {dependency}")
+        paced = paced_liveness_load(bench, proc, port, bench.scratch / f"paced-{config_name}.log")
+    finally:
+        bench.procs.stop(proc)
+    return {**paced, "dependency": dependency}
 
 
 def measure_hang(bench: Bench) -> dict[str, Any]:

@@ -18,12 +18,10 @@ from benchmarks.measure import (
     PYTHON,
     ROOT,
     Bench,
-    _duration,
     _summarise,
     free_port,
     interleaved,
-    parse_h2load,
-    percentile,
+    paced_liveness_load,
     probe_once,
 )
 from benchmarks.procs import Proc
@@ -55,7 +53,6 @@ def _start(bench: Bench, *, http_port: int | None, config: str | None) -> tuple[
 
 
 def _paced_with_pages(bench: Bench, key: str) -> dict[str, Any]:
-    config = bench.config
     http_port = free_port()
     proc, port = _start(bench, http_port=http_port, config="python-ok")
     pollers: Proc | None = None
@@ -69,16 +66,8 @@ def _paced_with_pages(bench: Bench, key: str) -> dict[str, Any]:
             )
             pollers.line(pollers.stdout, r"^polling", 30)
             time.sleep(2 * POLL_SECONDS)  # every page has polled
-        shape = ["-c", str(config.hang_connections)]
-        bench.h2load(bench.check_load(port, "liveness", ["-n", "500", *shape]), timeout=60)
         log = bench.scratch / f"pages-{time.monotonic_ns()}.log"
-        load = ["-D", _duration(config.hang_seconds), "--rps", str(config.hang_rps), *shape]
-        cpu, started = proc.cpu_seconds(), time.perf_counter()
-        output = bench.h2load(
-            bench.check_load(port, "liveness", [*load, "--log-file", str(log)]),
-            timeout=config.hang_seconds + 60,
-        )
-        wall, cpu = time.perf_counter() - started, proc.cpu_seconds() - cpu
+        paced = paced_liveness_load(bench, proc, port, log)
         if pollers is not None:
             pollers.send("stop")
             polled = json.loads(pollers.line(pollers.stdout, r"^\{.*\}$", 30).group(0))
@@ -86,22 +75,11 @@ def _paced_with_pages(bench: Bench, key: str) -> dict[str, Any]:
         if pollers is not None:
             bench.procs.stop(pollers)
         bench.procs.stop(proc)
-    result = parse_h2load(output)
-    if result["failed"] or result["errored"] or result["timeout"]:
-        raise RuntimeError(f"h2load saw failures: {result}")
     if polled["failures"]:
         raise RuntimeError(f"status.json polls failed: {polled}")
-    latencies = [
-        int(fields[2]) / 1000.0
-        for fields in (line.split("\t") for line in log.read_text().splitlines())
-        if len(fields) == 3 and fields[1] == "200"
-    ]
+    del paced["requests"]
     return {
-        "rps": result["rps"],
-        "p50_ms": percentile(latencies, 0.50),
-        "p99_ms": percentile(latencies, 0.99),
-        "max_ms": max(latencies, default=math.nan),
-        "server_cpu_util": cpu / wall,
+        **paced,
         "polls_per_second": polled["polls"] / polled["seconds"] if polled["polls"] else 0.0,
     }
 
