@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import IO, Any, TypeVar
 
 import grpc
 import pytest
+from tcp_listener import free_port
 
 from petsage_grpc import SERVER_OPTIONS, StatusBoard, add_to_server
 
@@ -175,3 +177,19 @@ def spawn_server() -> Iterator[Callable[..., ServerProcess]]:
             running.process.wait(10)
         if running.process.stderr is not None:
             running.process.stderr.close()
+
+
+@pytest.fixture
+def start_http(
+    tmp_path: Path, spawn_server: Callable[..., ServerProcess]
+) -> Callable[..., tuple[ServerProcess, int]]:
+    """Start ``serve --http-port <free port> --config <file with *config*>`` (+ *args*)."""
+
+    def start(config: str, *args: str) -> tuple[ServerProcess, int]:
+        path = tmp_path / f"petsage-{time.monotonic_ns()}.toml"
+        path.write_text(config, encoding="utf-8")
+        http_port = free_port()
+        server = spawn_server("--http-port", str(http_port), "--config", str(path), *args)
+        return server, http_port
+
+    return start

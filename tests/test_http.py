@@ -213,22 +213,6 @@ def listener() -> Iterator[Listener]:
 
 
 @pytest.fixture
-def start_http(
-    tmp_path: Path, spawn_server: SpawnServer
-) -> Callable[..., tuple[ServerProcess, int]]:
-    """Start ``serve --http-port <free port> --config <file with *config*>`` (+ *args*)."""
-
-    def start(config: str, *args: str) -> tuple[ServerProcess, int]:
-        path = tmp_path / f"petsage-{time.monotonic_ns()}.toml"
-        path.write_text(config, encoding="utf-8")
-        http_port = free_port()
-        server = spawn_server("--http-port", str(http_port), "--config", str(path), *args)
-        return server, http_port
-
-    return start
-
-
-@pytest.fixture
 def serving(start_http: Callable[..., tuple[ServerProcess, int]], listener: Listener) -> HttpServer:
     """A server whose only (critical) check passes: everything 200 once it has passed."""
     server, http_port = start_http(check_table("db", listener.address, **FAST))

@@ -60,18 +60,6 @@ def listener() -> Iterator[Listener]:
         yield running
 
 
-@pytest.fixture
-def start_http(tmp_path: Path, spawn_server: SpawnServer) -> Start:
-    def start(config: str, *args: str) -> tuple[ServerProcess, int]:
-        path = tmp_path / f"petsage-{time.monotonic_ns()}.toml"
-        path.write_text(config, encoding="utf-8")
-        http_port = free_port()
-        server = spawn_server("--http-port", str(http_port), "--config", str(path), *args)
-        return server, http_port
-
-    return start
-
-
 def status(port: int, **headers: str) -> dict[str, Any]:
     reply = request(port, "/status.json", headers=headers)
     assert reply.status == 200
