@@ -213,7 +213,6 @@ class HttpFace:
             report_checks=report_checks,
             may_see_checks=self._may_see_checks,
             headers=_HEADERS,
-            loop_lag=None if heartbeat is None else (lambda: heartbeat.lag_seconds),
         )
         self._routes.update(page.routes())
         self._runner: web.ServerRunner | None = None

@@ -104,7 +104,6 @@ def status_document(
     monitor: HealthMonitor | None,
     *,
     checks_hidden: str | None,
-    loop_lag: float | None = None,
 ) -> dict[str, Any]:
     """Everything the status page shows, as ``/status.json`` serves it.
 
@@ -134,7 +133,7 @@ def status_document(
         "status": overall.name,
         "draining": board.draining,
         "generated_at": round(time.time(), 3),
-        "loop_lag_seconds": loop_lag,
+        "loop_lag_seconds": board.loop_lag_seconds,
         "checks_hidden": checks_hidden,
         "names": names,
         "checks": [_check(state, board) for state in states],
@@ -145,8 +144,7 @@ class StatusPage:
     """The page's routes for :class:`~petsage_grpc.server._http.HttpFace`.
 
     *may_see_checks* says whether a request carries the bearer token (always true
-    without one); *loop_lag*, when given, is the server's measured event loop lag in
-    seconds (None until measured), shown on the page.
+    without one). The event loop's lag is the board's (None while no heartbeat runs).
     """
 
     def __init__(
@@ -157,14 +155,12 @@ class StatusPage:
         report_checks: bool,
         may_see_checks: Callable[[web.BaseRequest], bool],
         headers: dict[str, str],
-        loop_lag: Callable[[], float | None] | None = None,
     ) -> None:
         self._board = board
         self._monitor = monitor
         self._report_checks = report_checks
         self._may_see_checks = may_see_checks
         self._headers = headers
-        self._loop_lag = loop_lag
         self._assets: dict[str, bytes] = {}  # read on first request: idle servers hold none
         self._rendered: dict[str | None, tuple[float, object, bytes]] = {}
 
@@ -190,8 +186,7 @@ class StatusPage:
                 for s in self._monitor.states
             )
         )
-        lag = self._loop_lag() if self._loop_lag is not None else None
-        return self._board.revision, results, lag
+        return self._board.revision, results, self._board.loop_lag_seconds
 
     async def _status_json(self, request: web.BaseRequest) -> web.Response:
         hidden = self._hidden_because(request)
@@ -202,10 +197,7 @@ class StatusPage:
             now - cached[0] < _MIN_RENDER_SECONDS
             or (now - cached[0] < _MAX_RENDER_AGE and cached[1] == version)
         ):
-            lag = self._loop_lag() if self._loop_lag is not None else None
-            document = status_document(
-                self._board, self._monitor, checks_hidden=hidden, loop_lag=lag
-            )
+            document = status_document(self._board, self._monitor, checks_hidden=hidden)
             cached = self._rendered[hidden] = (now, version, json.dumps(document).encode())
         return web.Response(
             body=cached[2],
