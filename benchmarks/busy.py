@@ -33,7 +33,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from benchmarks.measure import ROOT, Bench, free_port, med, percentile, ratio, rotated
+from benchmarks.measure import (
+    ROOT,
+    Bench,
+    free_port,
+    idle_usage,
+    med,
+    percentile,
+    ratio,
+    rotated,
+)
 from benchmarks.probe_client import grpc_request, probe
 
 KINDS: Final = ("petsage-main", "petsage-probe", "stock-aio")
@@ -262,13 +271,8 @@ def heartbeat_idle(bench: Bench) -> dict[str, Any]:
     ours = bench.procs.start("petsage-probe", argv, cpus=bench.server_cpus, cwd=ROOT)
     try:
         ours.port()
-        time.sleep(min(2.0, seconds))
-        before = {"stock-aio": stock.cpu_seconds(), "petsage --probe-port": ours.cpu_seconds()}
-        time.sleep(seconds)
-        used = {
-            "stock-aio": stock.cpu_seconds() - before["stock-aio"],
-            "petsage --probe-port": ours.cpu_seconds() - before["petsage --probe-port"],
-        }
+        usage = idle_usage({"stock-aio": stock, "petsage --probe-port": ours}, seconds)
+        used = {name: row["cpu_seconds"] for name, row in usage.items()}
     finally:
         bench.procs.stop(ours)
         bench.procs.stop(stock)

@@ -745,6 +745,22 @@ def measure_startup(bench: Bench) -> dict[str, Any]:
     return {"spawn": spawn, "idle": idle}
 
 
+def idle_usage(servers: dict[str, Proc], seconds: float) -> dict[str, dict[str, float]]:
+    """Leave *servers* untouched for *seconds* (after 2 s to settle); their CPU, RSS, threads."""
+    time.sleep(min(2.0, seconds))
+    before = {name: proc.cpu_seconds() for name, proc in servers.items()}
+    time.sleep(seconds)
+    return {
+        name: {
+            "cpu_seconds": proc.cpu_seconds() - before[name],
+            "cpu_percent": (proc.cpu_seconds() - before[name]) / seconds * 100.0,
+            "rss_mib": proc.rss_bytes() / 2**20,
+            "threads": len(os.listdir(f"/proc/{proc.pid}/task")),
+        }
+        for name, proc in servers.items()
+    }
+
+
 def _idle(bench: Bench) -> dict[str, Any]:
     """Run the servers side by side, untouched, and read their CPU time and RSS."""
     seconds = bench.config.idle_seconds
@@ -758,18 +774,7 @@ def _idle(bench: Bench) -> dict[str, Any]:
             outcome = probe_once(port)
             if outcome != "OK":
                 raise RuntimeError(proc.describe(f"{name} did not answer SERVING: {outcome}"))
-        time.sleep(min(2.0, seconds))
-        before = {name: proc.cpu_seconds() for name, (proc, _) in servers.items()}
-        time.sleep(seconds)
-        result = {
-            name: {
-                "cpu_seconds": proc.cpu_seconds() - before[name],
-                "cpu_percent": (proc.cpu_seconds() - before[name]) / seconds * 100.0,
-                "rss_mib": proc.rss_bytes() / 2**20,
-                "threads": len(os.listdir(f"/proc/{proc.pid}/task")),
-            }
-            for name, (proc, _) in servers.items()
-        }
+        result = idle_usage({name: proc for name, (proc, _) in servers.items()}, seconds)
     finally:
         for proc, _ in servers.values():
             bench.procs.stop(proc)

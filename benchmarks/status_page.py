@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from typing import Any, Final
 
@@ -20,6 +19,7 @@ from benchmarks.measure import (
     Bench,
     _summarise,
     free_port,
+    idle_usage,
     interleaved,
     paced_liveness_load,
     probe_once,
@@ -93,18 +93,7 @@ def _idle(bench: Bench) -> dict[str, Any]:
         HTTP_CHECK: _start(bench, http_port=free_port(), config="python-ok")[0],
     }
     try:
-        time.sleep(min(2.0, seconds))
-        before = {name: proc.cpu_seconds() for name, proc in servers.items()}
-        time.sleep(seconds)
-        result = {
-            name: {
-                "cpu_seconds": proc.cpu_seconds() - before[name],
-                "cpu_percent": (proc.cpu_seconds() - before[name]) / seconds * 100.0,
-                "rss_mib": proc.rss_bytes() / 2**20,
-                "threads": len(os.listdir(f"/proc/{proc.pid}/task")),
-            }
-            for name, proc in servers.items()
-        }
+        result = idle_usage(servers, seconds)
     finally:
         for proc in servers.values():
             bench.procs.stop(proc)
