@@ -113,8 +113,8 @@ SERVICE_CONFIG: Final[dict[str, Any]] = {
             "name": [{"service": "petsage.example.v1.VisitService"}],
             "retryPolicy": {
                 "maxAttempts": 5,
-                "initialBackoff": "0.02s",
-                "maxBackoff": "0.2s",
+                "initialBackoff": "0.1s",
+                "maxBackoff": "1s",
                 "backoffMultiplier": 2,
                 "retryableStatusCodes": ["UNAVAILABLE"],
             },
