@@ -28,6 +28,7 @@ import h2.connection
 import h2.events
 import pytest
 from conftest import ROOT, ServerProcess
+from prometheus_client.parser import text_string_to_metric_families
 from hardening import wait_until
 from tcp_listener import TcpListener, free_port
 
@@ -69,9 +70,16 @@ def probe_answers(server: ServerProcess) -> bool:
     return any(asyncio.run(attack.probe_once(server.port)) for _ in range(5))
 
 
-def run_attack(name: str, port: int, connections: int) -> Any:
-    """Run attack *name* against *port* from *connections* connections for a few seconds;
-    return the harness's Tally."""
+def run_attack(
+    name: str,
+    port: int,
+    connections: int,
+    *,
+    until: Callable[[Any], bool] | None = None,
+) -> Any:
+    """Run attack *name* against *port* from *connections* connections for a few seconds
+    (or, with *until*, until it holds for the harness's Tally, at most IO_TIMEOUT);
+    return the Tally."""
 
     async def timed() -> Any:
         tally, stop = attack.Tally(), asyncio.Event()
@@ -81,7 +89,12 @@ def run_attack(name: str, port: int, connections: int) -> Any:
             )
             for index in range(connections)
         ]
-        await asyncio.sleep(ATTACK_SECONDS)
+        if until is None:
+            await asyncio.sleep(ATTACK_SECONDS)
+        else:
+            deadline = time.monotonic() + IO_TIMEOUT
+            while not until(tally) and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
         stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), IO_TIMEOUT)
         return tally
@@ -135,15 +148,30 @@ def grpc_statuses(
 # -- gRPC port --------------------------------------------------------------------------
 
 
-def test_continuation_flood_leaves_the_server_up_and_answering(
+def closed_connections(port: int, reason: str) -> float:
+    """The server's count of connections it closed for *reason*, from /metrics."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=IO_TIMEOUT).read()
+    for family in text_string_to_metric_families(text.decode()):
+        for sample in family.samples:
+            if sample.name == "petsage_grpc_connections_closed_total" and sample.labels == {
+                "reason": reason
+            }:
+                return float(sample.value)
+    raise AssertionError("no petsage_grpc_connections_closed_total sample")
+
+
+def test_continuation_flood_connections_are_closed_by_the_server(
     http_server: tuple[ServerProcess, int],
 ) -> None:
-    server, _ = http_server
-    tally = run_attack("continuation", server.port, 4)
-    assert tally.connections >= 4
-    assert tally.bytes_sent > 0
+    """grpc core never closes them (docs/reliability.md); the connection shedder does."""
+    server, http_port = http_server
+    assert closed_connections(http_port, "flood") == 0
+    tally = run_attack("continuation", server.port, 4, until=lambda t: t.closed_by_server >= 4)
+    assert tally.closed_by_server >= 4
     assert server.process.poll() is None
+    assert closed_connections(http_port, "flood") >= 4
     wait_until(lambda: probe_answers(server), "a probe answered after the flood")
+    assert "receiving more than 256 KiB/s" in server.log()
 
 
 def test_rapid_reset_leaves_the_server_up_and_answering(
@@ -219,6 +247,49 @@ def test_watch_cap_in_all_comes_from_the_budget(spawn_server: SpawnServer) -> No
         for sock in connections:
             sock.close()
     assert probe_answers(server)
+
+
+def open_grpc_connections(port: int, count: int) -> list[socket.socket]:
+    """*count* connections that finished the HTTP/2 preface and then hold, idle."""
+    held = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
+        sock.sendall(attack.PREFACE + attack.SETTINGS + attack.SETTINGS_ACK)
+        held.append(sock)
+    return held
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    """Whether the server has closed *sock* (what it sent before is read and dropped)."""
+    while select.select([sock], [], [], 0)[0]:
+        try:
+            if not sock.recv(65536):
+                return True
+        except OSError:
+            return True
+    return False
+
+
+def test_grpc_connections_beyond_the_per_address_cap_are_closed(
+    spawn_server: SpawnServer,
+) -> None:
+    http_port = free_port()
+    server = spawn_server("--http-port", str(http_port), "--max-connections-per-address", "8")
+    held = open_grpc_connections(server.port, 8 + 6)
+    try:
+        wait_until(
+            lambda: sum(closed_by_peer(sock) for sock in held) >= 6,
+            "the connections over the cap to be closed",
+        )
+        time.sleep(0.5)  # the shedder looks every 20-50 ms: no more go
+        assert sum(closed_by_peer(sock) for sock in held) == 6
+        # Another address (as the kubelet's would be) still gets its answer.
+        assert asyncio.run(attack.probe_once(server.port))
+    finally:
+        for sock in held:
+            sock.close()
+    assert closed_connections(http_port, "address_cap") == 6
+    assert "closed 6 connections over the 8-per-address cap" in server.log()
 
 
 def test_half_preface_connections_are_closed_after_the_handshake_timeout(

@@ -162,6 +162,7 @@ def _serve_options(values: Mapping[str, Any], config: Config) -> ServeOptions:
         values["memory_budget"],
         max_watch_streams=values["max_watch_streams"],
         max_watch_streams_per_connection=values["max_watch_streams_per_connection"],
+        max_connections_per_address=values["max_connections_per_address"],
     )
     return ServeOptions(
         host=values["host"],

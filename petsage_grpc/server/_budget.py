@@ -49,6 +49,7 @@ class Bounds:
     max_watch_streams_per_connection: int
     max_calls_awaiting_request: int
     max_grpc_connections: int
+    max_grpc_connections_per_address: int
     max_streams_per_connection: int
     watermark_mib: int
 
@@ -87,8 +88,9 @@ def derive_bounds(
     *,
     max_watch_streams: int | None = None,
     max_watch_streams_per_connection: int | None = None,
+    max_connections_per_address: int | None = None,
 ) -> Bounds:
-    """The caps that keep a server inside *budget_mib* MiB (explicit Watch caps win).
+    """The caps that keep a server inside *budget_mib* MiB (explicit caps win).
 
     Raises:
         ValueError: the budget is below what a started server needs.
@@ -109,6 +111,7 @@ def derive_bounds(
         max_watch_streams_per_connection=per_connection,
         max_calls_awaiting_request=waiting,
         max_grpc_connections=max(16, connections),
+        max_grpc_connections_per_address=max_connections_per_address or max(16, connections // 8),
         # The Watch cap per connection and room for unary calls beside it; beyond it the
         # client waits for a stream (HTTP/2 flow of MAX_CONCURRENT_STREAMS).
         max_streams_per_connection=per_connection + 20,

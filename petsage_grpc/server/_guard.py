@@ -19,6 +19,8 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
+import time
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -28,6 +30,7 @@ _log = logging.getLogger("petsage_grpc.server")
 _PAGE: Final = os.sysconf("SC_PAGE_SIZE")
 _TRIM_RATIO: Final = 1.3
 _TRIM_EVERY: Final = 5.0
+_TRIM_AT_MOST_EVERY: Final = 1.0
 
 
 def _rss_bytes() -> int:
@@ -59,6 +62,8 @@ class MemoryGuard:
         self._trim: Callable[[], Any] | None = None
         self._trim_missing = False
         self._task: asyncio.Task[None] | None = None
+        self._trim_lock = threading.Lock()
+        self._trimmed_at = float("-inf")
 
     def start(self) -> None:
         """Start reading RSS once a second (on the running loop)."""
@@ -97,14 +102,21 @@ class MemoryGuard:
             now = loop.time()
             if rss > started_at * _TRIM_RATIO and now - trimmed_at > _TRIM_EVERY:
                 trimmed_at = now
-                self._give_back()
+                self.give_back()
 
-    def _give_back(self) -> None:
-        if self._trim is None and not self._trim_missing:
-            self._trim = _malloc_trim()
-            self._trim_missing = self._trim is None
-        if self._trim is not None:
-            self._trim()
+    def give_back(self) -> None:
+        """Return free heap pages to the system (any thread; at most once a second)."""
+        with self._trim_lock:
+            now = time.monotonic()
+            if now - self._trimmed_at < _TRIM_AT_MOST_EVERY:
+                return
+            self._trimmed_at = now
+            if self._trim is None and not self._trim_missing:
+                self._trim = _malloc_trim()
+                self._trim_missing = self._trim is None
+            trim = self._trim
+        if trim is not None:
+            trim()
 
     def admits_watch(self) -> bool:
         """Whether a new Watch stream may open: False while memory is above the watermark."""

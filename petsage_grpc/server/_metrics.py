@@ -7,7 +7,7 @@ that the standalone server installs only when metrics are on.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 import grpc
@@ -33,7 +33,9 @@ class _StateCollector(Collector):
         heartbeat: LoopHeartbeat | None,
         *,
         with_checks: bool,
+        closed_connections: Callable[[], Mapping[str, int]] | None = None,
     ) -> None:
+        self._closed_connections = closed_connections
         self._board = board
         self._monitor = monitor
         self._heartbeat = heartbeat
@@ -62,6 +64,16 @@ class _StateCollector(Collector):
                 "(liveness then reports NOT_SERVING).",
                 value=self._heartbeat.stalls,
             )
+        if self._closed_connections is not None:
+            closed = CounterMetricFamily(
+                "petsage_grpc_connections_closed",
+                "gRPC connections the server closed: address_cap (one peer address over its "
+                "cap), flood (receiving fast and answered little while memory grew).",
+                labels=["reason"],
+            )
+            for reason, count in sorted(self._closed_connections().items()):
+                closed.add_metric([reason], count)
+            yield closed
         if self._monitor is None or not self._with_checks:
             return
         duration = GaugeMetricFamily(
@@ -197,12 +209,21 @@ class Metrics:
         monitor: HealthMonitor | None = None,
         *,
         heartbeat: LoopHeartbeat | None = None,
+        closed_connections: Callable[[], Mapping[str, int]] | None = None,
     ) -> None:
         self.registry = CollectorRegistry()
         """Everything, check names included."""
-        self.registry.register(_StateCollector(board, monitor, heartbeat, with_checks=True))
         self._public = CollectorRegistry()
-        self._public.register(_StateCollector(board, monitor, heartbeat, with_checks=False))
+        for registry, with_checks in ((self.registry, True), (self._public, False)):
+            registry.register(
+                _StateCollector(
+                    board,
+                    monitor,
+                    heartbeat,
+                    with_checks=with_checks,
+                    closed_connections=closed_connections,
+                )
+            )
         self.interceptor: grpc.aio.ServerInterceptor = _RpcCounter(self.registry, self._public)
 
     def render(self, *, with_checks: bool = True) -> tuple[bytes, str]:

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from petsage_grpc.server._guard import MemoryGuard
     from petsage_grpc.server._http import HttpFace
     from petsage_grpc.server._reload import ConfigReloader
+    from petsage_grpc.server._shedder import ConnectionShedder
     from petsage_grpc.server._tls import TlsFiles
 
 _log = logging.getLogger("petsage_grpc.server")
@@ -175,6 +176,7 @@ class _Assembly:
     heartbeat: LoopHeartbeat | None
     """Beats on the event loop; the probe listener's own, or alone for metrics."""
     guard: MemoryGuard | None
+    shedder: ConnectionShedder | None
 
 
 def _check_addresses(options: ServeOptions) -> None:
@@ -216,6 +218,21 @@ async def _assemble(options: ServeOptions, board: StatusBoard) -> _Assembly:
             stall_seconds=options.loop_stall_seconds,
             shed_lag_seconds=options.shed_lag_seconds,
         )
+    guard = shedder = None
+    if options.bounds is not None:
+        from petsage_grpc.server._guard import MemoryGuard  # noqa: PLC0415
+        from petsage_grpc.server._shedder import ConnectionShedder  # noqa: PLC0415
+
+        guard = MemoryGuard(
+            budget_mib=options.bounds.budget_mib, watermark_mib=options.bounds.watermark_mib
+        )
+        # What grpc core lets one client hold and gives no way to close: closed by the
+        # kernel (docs/reliability.md, "What bounds each attack").
+        shedder = ConnectionShedder(
+            max_per_address=options.bounds.max_grpc_connections_per_address,
+            memory_high_bytes=options.bounds.budget_mib * 2**20 * 8 // 10,
+            give_back=guard.give_back,
+        )
     metrics = http = None
     if options.http_port is not None:
         # aiohttp and prometheus-client cost a quarter of a second to import and memory
@@ -223,7 +240,12 @@ async def _assemble(options: ServeOptions, board: StatusBoard) -> _Assembly:
         from petsage_grpc.server._http import HttpFace, HttpLimits  # noqa: PLC0415
         from petsage_grpc.server._metrics import Metrics  # noqa: PLC0415
 
-        metrics = Metrics(board, monitor, heartbeat=heartbeat)
+        metrics = Metrics(
+            board,
+            monitor,
+            heartbeat=heartbeat,
+            closed_connections=None if shedder is None else shedder.counts,
+        )
         http = HttpFace(
             board,
             metrics=metrics,
@@ -235,17 +257,11 @@ async def _assemble(options: ServeOptions, board: StatusBoard) -> _Assembly:
         )
     interceptors: list[grpc.aio.ServerInterceptor] = []
     server_options = SERVER_OPTIONS
-    guard = None
     if options.bounds is not None:
-        from petsage_grpc.server._guard import MemoryGuard  # noqa: PLC0415
-
         # grpc core keeps the first of two options with one name: the budget's caps
         # replace SERVER_OPTIONS' ones, not follow them.
         server_options = tuple(
             {**dict(SERVER_OPTIONS), **dict(options.bounds.grpc_options())}.items()
-        )
-        guard = MemoryGuard(
-            budget_mib=options.bounds.budget_mib, watermark_mib=options.bounds.watermark_mib
         )
     if metrics is not None:
         interceptors.append(metrics.interceptor)
@@ -278,6 +294,7 @@ async def _assemble(options: ServeOptions, board: StatusBoard) -> _Assembly:
         probe=probe,
         heartbeat=heartbeat,
         guard=guard,
+        shedder=shedder,
     )
 
 
@@ -315,6 +332,9 @@ async def serve(
         if parts.guard is not None:
             parts.guard.start()
             stack.push_async_callback(parts.guard.stop)
+        if parts.shedder is not None:
+            parts.shedder.start(port=parts.port)
+            stack.callback(parts.shedder.stop)
         if parts.http is not None and options.http_port is not None:
             try:
                 await parts.http.start(options.host, options.http_port)

@@ -217,6 +217,13 @@ SERVER_SETTINGS: Final = (
         "--memory-budget, 102 for 128 MiB)",
     ),
     Setting(
+        "max_connections_per_address",
+        _positive,
+        None,
+        "gRPC connections from one peer address before its newest are closed (default: from "
+        "--memory-budget, 76 for 128 MiB)",
+    ),
+    Setting(
         "http_access_log",
         _boolean,
         False,
