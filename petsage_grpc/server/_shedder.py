@@ -20,9 +20,10 @@ own (so it acts however busy the event loop is), and sheds:
 
 It never closes a descriptor: it shuts down a duplicate of one, checked to be the same
 socket, so that a descriptor grpc core has meanwhile closed and reused is never touched.
-Cost: RSS and a count of descriptors every 50 ms; each connection's address and byte
-counters (a few microseconds each) only while there are more descriptors than
-``max_per_address`` or memory has grown. Linux only (``/proc``, ``TCP_INFO``).
+Cost: RSS and a count of descriptors every 100 ms (an idle server: 0.04 s of CPU in
+30 s, against 0.02 s without); each connection's address and byte counters (a few
+microseconds each) only while there are more descriptors than ``max_per_address`` or
+memory has grown. Linux only (``/proc``, ``TCP_INFO``).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ _BYTES: Final = struct.Struct("=QQ")  # tcpi_bytes_acked, tcpi_bytes_received at
 # Seconds between looks: RSS and a descriptor count only; every connection's counters
 # (a few microseconds each) while memory is up or descriptors many; again soon after
 # closing some, since a flood reconnects at once.
-_TICKS: Final = {"quiet": 0.05, "watching": 0.1, "shedding": 0.02}
+_TICKS: Final = {"quiet": 0.1, "watching": 0.1, "shedding": 0.02}
 _MIN_FLOOD_BYTES: Final = 64 * 1024
 """Bytes a connection must have received since the last look to be a flood at all."""
 _REPORT_EVERY: Final = 60.0
@@ -112,6 +113,7 @@ class ConnectionShedder:
         self.shed_for_memory = 0
         """Connections shed for receiving fast while memory was high, since start."""
         self._failed = False
+        self._statm = -1
         self._reported = (0, 0)
         self._reported_at = 0.0
 
@@ -133,6 +135,13 @@ class ConnectionShedder:
             self._thread.join()
 
     def _run(self) -> None:
+        self._statm = os.open("/proc/self/statm", os.O_RDONLY)
+        try:
+            self._watch()
+        finally:
+            os.close(self._statm)
+
+    def _watch(self) -> None:
         last = time.monotonic()
         tick = _TICKS["quiet"]
         while not self._stop.wait(tick):
@@ -154,8 +163,12 @@ class ConnectionShedder:
 
     def _tick(self, now: float, elapsed: float) -> str:
         """Look once; say how soon to look again (``quiet``, ``watching``, ``shedding``)."""
-        rss = _rss_bytes()
+        rss = int(os.pread(self._statm, 64, 0).split()[1]) * _PAGE
         high, rising = rss > self._memory_high, rss > self._memory_rising
+        # Linux 6.2+ counts descriptors in the directory's size, without listing them.
+        if not rising and 0 < os.stat(_FDS).st_size <= self._max_per_address:
+            self._known.clear()
+            return "quiet"
         names = os.listdir(_FDS)
         if not rising and len(names) <= self._max_per_address:
             self._known.clear()
