@@ -11,10 +11,10 @@ own (so it acts however busy the event loop is), and sheds:
   newest first (a cap on new connections, enforced within a tick), so that one client
   cannot fill ``grpc.max_allowed_incoming_connections`` and lock probes out;
 - **floods, once memory grows** (RSS 1.15 times what it was at start): a connection
-  that received more than ``fast_bytes_per_second`` since the last look (at least
-  64 KiB; at the first look, everything it ever received) while the server sent it
-  less than an eighth of that: headers that never end, streams reset as soon as they
-  open. A health client gets about as much back as it sends. Above
+  that, at two looks in a row, received more than ``fast_bytes_per_second`` since the
+  last look (at least 64 KiB; at the first look, everything it ever received) while the
+  server sent it less than an eighth of that: headers that never end, streams reset as
+  soon as they open. A health client gets about as much back as it sends. Above
   ``memory_high_bytes``, any connection receiving that fast. Then the freed heap is
   given back (``malloc_trim``).
 
@@ -50,10 +50,11 @@ _TCP_INFO_SIZE: Final = 136
 _BYTES: Final = struct.Struct("=QQ")  # tcpi_bytes_acked, tcpi_bytes_received at 120
 # Seconds between looks: RSS and a descriptor count only; every connection's counters
 # (a few microseconds each) while memory is up or descriptors many; again soon after
-# closing some, since a flood reconnects at once.
+# closing some (a flood reconnects at once) or seeing a flood once.
 _TICKS: Final = {"quiet": 0.1, "watching": 0.1, "shedding": 0.02}
 _MIN_FLOOD_BYTES: Final = 64 * 1024
 """Bytes a connection must have received since the last look to be a flood at all."""
+_FLOOD_LOOKS: Final = 2
 _REPORT_EVERY: Final = 60.0
 
 
@@ -64,6 +65,8 @@ class _Connection:
     first_seen: float
     bytes_received: int = -1
     bytes_acked: int = -1
+    flooding: int = 0
+    """Looks in a row at which it received like a flood."""
 
 
 def _rss_bytes() -> int:
@@ -184,7 +187,8 @@ class ConnectionShedder:
         if shed and rising and self._give_back is not None:
             self._give_back()
         self._report(now)
-        return "shedding" if shed else "watching"
+        suspects = any(c.flooding for c in connections.values())
+        return "shedding" if shed or suspects else "watching"
 
     def _connections(self, names: list[str], now: float) -> dict[int, _Connection]:
         """The main port's connections, by socket inode (new ones looked at once)."""
@@ -256,12 +260,15 @@ class ConnectionShedder:
             sent_since = acked - max(connection.bytes_acked, 0)
             received_since = received - max(connection.bytes_received, 0)
             connection.bytes_acked, connection.bytes_received = acked, received
-            if received_since <= limit:
-                continue
             # A client whose calls are answered gets about as much back as it sends;
             # a flood of headers that never end, or of streams reset at once, gets
-            # next to nothing.
-            if any_fast or sent_since * 8 < received_since:
+            # next to nothing. Two looks in a row: a burst of new calls that the server
+            # has not answered yet (watchers reconnecting after a deploy) is one look.
+            if received_since > limit and (any_fast or sent_since * 8 < received_since):
+                connection.flooding += 1
+            else:
+                connection.flooding = 0
+            if connection.flooding >= _FLOOD_LOOKS:
                 fast.add(inode)
         return fast
 
