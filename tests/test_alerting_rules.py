@@ -25,6 +25,7 @@ ALERTS: Final = {
     "PetSageGrpcCheckFlapping",
     "PetSageGrpcCheckSlow",
     "PetSageGrpcRpcErrors",
+    "PetSageGrpcConnectionsClosed",
     "PetSageGrpcScrapeMissing",
 }
 
