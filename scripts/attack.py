@@ -580,6 +580,8 @@ class Run:
     connections: int
     seconds: float
     transport: str = "plaintext"
+    after: float = 30.0
+    """Seconds between the attack's end and the last RSS reading."""
     baseline_rss_kib: int = 0
     peak_rss_kib: int = 0
     peak_threads: int = 0
@@ -723,6 +725,7 @@ def main(argv: list[str] | None = None) -> int:
             connections=connections,
             seconds=args.seconds,
             transport=transport,
+            after=args.after,
         )
         try:
             time.sleep(args.settle)
@@ -749,8 +752,10 @@ def share(ok: int | None, failed: int | None) -> str:
 
 def table(runs: list[Run]) -> str:
     """The runs as a Markdown table, petsage and bare side by side."""
+    afters = {run.after for run in runs}
+    after = f"{afters.pop():g} s after" if len(afters) == 1 else "after"
     lines = [
-        "| attack | conns | transport | server | baseline MiB | peak MiB | 30 s after MiB "
+        f"| attack | conns | transport | server | baseline MiB | peak MiB | {after} MiB "
         "| after / baseline | threads | fds | main port probes OK | probe port OK "
         "| closed by server | log lines |",
         "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
