@@ -5,16 +5,28 @@ Usage (from the repository root)::
     .venv/bin/python scripts/attack.py                       # every attack, 30 s, 4 and 16 conns
     .venv/bin/python scripts/attack.py --attack rapid-reset --seconds 10 --connections 4
     .venv/bin/python scripts/attack.py --target bare --json bare.json
+    .venv/bin/python scripts/attack.py --transport tls --attack idle-tls --seconds 15
+    .venv/bin/python scripts/attack.py --table runs.json  # a --json file as a Markdown table
 
 For each attack it starts a fresh server as a child process on 127.0.0.1 (``--target
-petsage``: ``python -m petsage_grpc serve --http-port``, as the manifest runs it;
-``--target bare``: a grpc.aio server with grpcio-health-checking's servicer and grpc's
-default options), lets it settle, measures its baseline RSS, then for ``--seconds`` runs
-the attack from ``--connections`` connections (each reconnecting when the server closes
-it) while a kubelet-model prober, from 127.0.0.2, opens a new connection every 200 ms and
-asks Check ``readiness`` with a 1 s deadline. It samples the server's RSS, threads and
-open file descriptors every 200 ms, stops the attack, and reads the RSS again 30 s later
-(``--after``). Attacks:
+petsage``: ``python -m petsage_grpc serve --http-port H --probe-port P``, as the manifest
+runs it; ``--target bare``: a grpc.aio server with grpcio-health-checking's servicer and
+grpc's default options), lets it settle, measures its baseline RSS, then for
+``--seconds`` runs the attack from ``--connections`` connections (each reconnecting when
+the server closes it) while two kubelet-model probers, each its own process from
+127.0.0.2, open a new connection every 200 ms and ask Check ``readiness`` with a 1 s
+deadline: one on the main port (over the run's transport), one on the probe port
+(plaintext, where the manifest's kubelet probes go; the bare server has none). It samples
+the server's RSS, threads and open file descriptors every 200 ms, stops the attack, and
+reads the RSS again 30 s later (``--after``).
+
+``--transport plaintext,tls`` (default: both) chooses how the main port is served. For
+``tls`` the harness makes a throwaway self-signed certificate and key with the
+``openssl`` command, starts the server with ``--tls-cert``/``--tls-key`` (the bare
+server with ``grpc.ssl_server_credentials`` of the same pair), and every gRPC attack and
+the main-port prober speak HTTP/2 over TLS with ALPN ``h2``, verifying nothing (as
+``grpc_health_probe -tls -tls-no-verify``; the kubelet's own gRPC probe has no TLS).
+Attacks:
 
 - ``continuation``: HEADERS for Check without END_HEADERS, then 16 KiB CONTINUATION
   frames of small junk headers, never ending the header block.
@@ -23,11 +35,18 @@ open file descriptors every 200 ms, stops the attack, and reads the RSS again 30
 - ``watch``: Watch streams, up to 1,000 per connection, held.
 - ``rapid-reset``: HEADERS for Check then RST_STREAM at once, as fast as the socket takes.
 - ``idle-http``: connections to the HTTP port that send half a request line, held.
-- ``idle-grpc``: connections to the gRPC port that send half the HTTP/2 preface, held.
+- ``idle-grpc``: connections to the gRPC port that send half the HTTP/2 preface (after
+  a whole TLS handshake over ``tls``), held.
+- ``idle-tls`` (``tls`` only): connections to the gRPC port that send half a TLS
+  ClientHello, held.
 
-Every loop is bounded in time; the network is loopback only. Prints one line per run and,
-with ``--json``, writes every figure. Exit status: 0 when every run finished (whatever its
-figures: they are reported, not judged), 1 when the server died, 2 on bad arguments.
+``idle-http`` runs over ``plaintext`` only (the HTTP port has no TLS), ``idle-tls`` over
+``tls`` only. Every loop is bounded in time; the network is loopback only. Prints one line
+per run and, with ``--json``, writes every figure (``--table`` prints such a file as the
+Markdown table of docs/reliability.md). Exit status: 0 when every run finished (whatever
+its figures: they are reported, not judged), 1 when the server died, 2 on bad arguments
+(also when no attack applies to the transports chosen, or ``tls`` is asked for and the
+``openssl`` command is missing).
 """
 
 from __future__ import annotations
@@ -38,14 +57,17 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any, Final
 
@@ -74,7 +96,16 @@ FRAME_NAMES: Final = {
     7: "GOAWAY",
     8: "WINDOW_UPDATE",
 }
-ATTACKS: Final = ("continuation", "no-message", "watch", "rapid-reset", "idle-http", "idle-grpc")
+ATTACKS: Final = (
+    "continuation",
+    "no-message",
+    "watch",
+    "rapid-reset",
+    "idle-http",
+    "idle-grpc",
+    "idle-tls",
+)
+TRANSPORTS: Final = ("plaintext", "tls")
 STREAMS_PER_CONNECTION: Final = 1_000
 PROBE_SOURCE: Final = "127.0.0.2"
 PROBE_PERIOD: Final = 0.2
@@ -91,12 +122,12 @@ def frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
     )
 
 
-def request_headers(path: str) -> bytes:
+def request_headers(path: str, *, scheme: str = "http") -> bytes:
     """A gRPC request's header block, literal without indexing (the same bytes every time)."""
     encoder = hpack.Encoder()
     headers = [
         (":method", "POST"),
-        (":scheme", "http"),
+        (":scheme", scheme),
         (":path", path),
         (":authority", "127.0.0.1"),
         ("content-type", "application/grpc"),
@@ -114,6 +145,67 @@ def health_request(service: str) -> bytes:
     return grpc_message(b"\x0a" + bytes([len(name)]) + name if name else b"")
 
 
+# -- TLS ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """A PEM certificate and its private key."""
+
+    cert: Path
+    key: Path
+
+
+def make_certificate(directory: Path) -> Certificate:
+    """A throwaway self-signed certificate for localhost and 127.0.0.1, made with the
+    ``openssl`` command in *directory* (FileNotFoundError when the command is missing)."""
+    cert, key = directory / "attack-cert.pem", directory / "attack-key.pem"
+    subprocess.run(
+        [
+            *(
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+            ),
+            *("-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2"),
+            *("-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return Certificate(cert=cert, key=key)
+
+
+def client_tls() -> ssl.SSLContext:
+    """A client's TLS: ALPN h2, nothing verified (grpc_health_probe -tls -tls-no-verify)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["h2"])
+    return context
+
+
+@cache
+def partial_client_hello() -> bytes:
+    """The first half of a real ClientHello (ALPN h2), as a client that stalls sends it."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = client_tls().wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    hello = outgoing.read()
+    return hello[: len(hello) // 2]
+
+
+def scheme_of(writer: asyncio.StreamWriter) -> str:
+    """The :scheme a request on *writer*'s connection carries."""
+    return "https" if writer.get_extra_info("ssl_object") is not None else "http"
+
+
 # -- the server under attack -------------------------------------------------------------
 
 
@@ -123,6 +215,10 @@ class Server:
     port: int
     http_port: int | None
     log: Path
+    probe_port: int | None = None
+    """The plaintext probe listener's port (petsage only)."""
+    tls: bool = False
+    """Whether the main port serves TLS."""
 
     def proc(self, name: str) -> str:
         return Path(f"/proc/{self.process.pid}/{name}").read_text()
@@ -154,7 +250,13 @@ async def main():
     servicer = health.aio.HealthServicer()
     await servicer.set("readiness", health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    server.add_insecure_port("127.0.0.1:" + sys.argv[1])
+    if len(sys.argv) > 2:
+        with open(sys.argv[2], "rb") as cert, open(sys.argv[3], "rb") as key:
+            pair = (key.read(), cert.read())
+        credentials = grpc.ssl_server_credentials([pair])
+        server.add_secure_port("127.0.0.1:" + sys.argv[1], credentials)
+    else:
+        server.add_insecure_port("127.0.0.1:" + sys.argv[1])
     await server.start()
     print("serving on 127.0.0.1:" + sys.argv[1], file=sys.stderr, flush=True)
     await server.wait_for_termination()
@@ -162,20 +264,28 @@ asyncio.run(main())
 """
 
 
-def start_server(target: str, scratch: Path, extra: list[str]) -> Server:
-    port, http_port = free_port(), free_port()
+def start_server(
+    target: str, scratch: Path, extra: list[str], *, certificate: Certificate | None = None
+) -> Server:
+    """Start *target* on free loopback ports; TLS on the main port with *certificate*."""
+    port, http_port, probe_port = free_port(), free_port(), free_port()
     log = scratch / f"{target}-{port}.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    pair = [str(certificate.cert), str(certificate.key)] if certificate else []
     if target == "bare":
-        argv = [sys.executable, "-c", BARE_SERVER, str(port)]
+        argv = [sys.executable, "-c", BARE_SERVER, str(port), *pair]
         http: int | None = None
+        probes: int | None = None
     else:
         argv = [sys.executable, "-m", "petsage_grpc", "serve", "--host", "127.0.0.1"]
-        argv += ["--port", str(port), "--http-port", str(http_port), *extra]
-        http = http_port
+        argv += ["--port", str(port), "--http-port", str(http_port)]
+        argv += ["--probe-port", str(probe_port), *extra]
+        if certificate:
+            argv += ["--tls-cert", pair[0], "--tls-key", pair[1]]
+        http, probes = http_port, probe_port
     with log.open("wb") as out:
         process = subprocess.Popen(argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL, env=env)
-    server = Server(process, port, http, log)
+    server = Server(process, port, http, log, probe_port=probes, tls=certificate is not None)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if "serving on" in log.read_text(errors="replace"):
@@ -202,8 +312,9 @@ def stop_server(server: Server) -> int | None:
 # -- the prober ---------------------------------------------------------------------------
 
 
-async def probe_once(port: int) -> bool:
-    """One kubelet-style probe: a new connection from PROBE_SOURCE, Check readiness, 1 s."""
+async def probe_once(port: int, *, tls: bool = False) -> bool:
+    """One kubelet-style probe: a new connection from PROBE_SOURCE, Check readiness, 1 s
+    (over TLS with ALPN h2 and no verification when *tls*)."""
 
     async def exchange() -> bool:
         sock = socket.socket()
@@ -213,9 +324,14 @@ async def probe_once(port: int) -> bool:
         except OSError:
             sock.bind(("127.0.0.1", 0))
         await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
-        reader, writer = await asyncio.open_connection(sock=sock)
+        if tls:
+            reader, writer = await asyncio.open_connection(
+                sock=sock, ssl=client_tls(), server_hostname="localhost"
+            )
+        else:
+            reader, writer = await asyncio.open_connection(sock=sock)
         try:
-            block = request_headers(CHECK)
+            block = request_headers(CHECK, scheme=scheme_of(writer))
             writer.write(
                 PREFACE
                 + SETTINGS
@@ -246,10 +362,10 @@ class Probes:
     failed: int = 0
 
 
-async def prober(port: int, stop: asyncio.Event, probes: Probes) -> None:
+async def prober(port: int, stop: asyncio.Event, probes: Probes, *, tls: bool = False) -> None:
     while not stop.is_set():
         started = time.monotonic()
-        if await probe_once(port):
+        if await probe_once(port, tls=tls):
             probes.ok += 1
         else:
             probes.failed += 1
@@ -259,18 +375,39 @@ async def prober(port: int, stop: asyncio.Event, probes: Probes) -> None:
             )
 
 
-def run_prober(port: int, seconds: float) -> int:
+def run_prober(port: int, seconds: float, *, tls: bool) -> int:
     """The prober's own process: probe for *seconds*, print "ok failed"."""
 
     async def timed() -> Probes:
         probes, stop = Probes(), asyncio.Event()
         asyncio.get_running_loop().call_later(seconds, stop.set)
-        await prober(port, stop, probes)
+        await prober(port, stop, probes, tls=tls)
         return probes
 
     probes = asyncio.run(timed())
     print(probes.ok, probes.failed)
     return 0
+
+
+async def start_prober(port: int, seconds: float, *, tls: bool) -> asyncio.subprocess.Process:
+    """A prober in a process of its own, so that the attack's busy loop does not delay it:
+    its failures are the server's. Read its result with :func:`prober_result`."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        __file__,
+        "--probe",
+        str(port),
+        "--seconds",
+        str(seconds),
+        *(["--probe-tls"] if tls else []),
+        stdout=asyncio.subprocess.PIPE,
+    )
+
+
+async def prober_result(process: asyncio.subprocess.Process) -> Probes:
+    out, _ = await asyncio.wait_for(process.communicate(), 30)
+    ok, failed = (int(n) for n in out.split())
+    return Probes(ok=ok, failed=failed)
 
 
 # -- the attacks --------------------------------------------------------------------------
@@ -309,7 +446,8 @@ Attack = Callable[[asyncio.StreamWriter, Tally, int], Coroutine[Any, Any, None]]
 async def continuation(writer: asyncio.StreamWriter, tally: Tally, index: int) -> None:
     headers = [hpack.NeverIndexedHeaderTuple(f"x-{i:04d}", "y" * 24) for i in range(455)]
     junk = hpack.Encoder().encode(headers)[:16_384]
-    writer.write(PREFACE + SETTINGS + SETTINGS_ACK + frame(HEADERS, 0, 1, request_headers(CHECK)))
+    block = request_headers(CHECK, scheme=scheme_of(writer))
+    writer.write(PREFACE + SETTINGS + SETTINGS_ACK + frame(HEADERS, 0, 1, block))
     payload = frame(CONTINUATION, 0, 1, junk)
     while True:
         for _ in range(16):
@@ -319,7 +457,7 @@ async def continuation(writer: asyncio.StreamWriter, tally: Tally, index: int) -
 
 
 async def no_message(writer: asyncio.StreamWriter, tally: Tally, index: int) -> None:
-    blocks = [request_headers(path) for path in NO_MESSAGE_PATHS]
+    blocks = [request_headers(path, scheme=scheme_of(writer)) for path in NO_MESSAGE_PATHS]
     out = [PREFACE, SETTINGS, SETTINGS_ACK]
     for n in range(STREAMS_PER_CONNECTION):
         out.append(frame(HEADERS, END_HEADERS, 2 * n + 1, blocks[n % len(blocks)]))
@@ -329,7 +467,7 @@ async def no_message(writer: asyncio.StreamWriter, tally: Tally, index: int) -> 
 
 
 async def watch(writer: asyncio.StreamWriter, tally: Tally, index: int) -> None:
-    block = request_headers(WATCH)
+    block = request_headers(WATCH, scheme=scheme_of(writer))
     body = health_request("readiness")
     out = [PREFACE, SETTINGS, SETTINGS_ACK]
     for n in range(STREAMS_PER_CONNECTION):
@@ -341,7 +479,7 @@ async def watch(writer: asyncio.StreamWriter, tally: Tally, index: int) -> None:
 
 
 async def rapid_reset(writer: asyncio.StreamWriter, tally: Tally, index: int) -> None:
-    block = request_headers(CHECK)
+    block = request_headers(CHECK, scheme=scheme_of(writer))
     header = struct.pack(">I", len(block))[1:] + bytes([HEADERS, END_HEADERS])
     cancel = b"\x00\x00\x04" + bytes([RST_STREAM, 0])
     writer.write(PREFACE + SETTINGS + SETTINGS_ACK)
@@ -370,6 +508,12 @@ async def idle_grpc(writer: asyncio.StreamWriter, tally: Tally, index: int) -> N
     await asyncio.Event().wait()
 
 
+async def idle_tls(writer: asyncio.StreamWriter, tally: Tally, index: int) -> None:
+    writer.write(partial_client_hello())
+    await writer.drain()
+    await asyncio.Event().wait()
+
+
 ATTACK_FUNCTIONS: Final[dict[str, Attack]] = {
     "continuation": continuation,
     "no-message": no_message,
@@ -377,19 +521,40 @@ ATTACK_FUNCTIONS: Final[dict[str, Attack]] = {
     "rapid-reset": rapid_reset,
     "idle-http": idle_http,
     "idle-grpc": idle_grpc,
+    "idle-tls": idle_tls,
 }
-HELD: Final = {"idle-http": 64, "idle-grpc": 64}
+HELD: Final = {"idle-http": 64, "idle-grpc": 64, "idle-tls": 64}
 """Idle attacks: connections per --connections (4 -> 256, 16 -> 1,024)."""
 
 
+def applies(attack: str, transport: str, target: str) -> bool:
+    """Whether *attack* runs over *transport* against *target*."""
+    if attack == "idle-http":
+        return transport == "plaintext" and target == "petsage"
+    return transport == "tls" if attack == "idle-tls" else True
+
+
 async def attacker(
-    port: int, attack: Attack, tally: Tally, index: int, stop: asyncio.Event
+    port: int,
+    attack: Attack,
+    tally: Tally,
+    index: int,
+    stop: asyncio.Event,
+    *,
+    tls: ssl.SSLContext | None = None,
 ) -> None:
-    """One attacking connection, reconnecting (at most 20 times a second) when closed."""
+    """One attacking connection (over TLS with *tls*), reconnecting (at most 20 times a
+    second) when closed; a failed TLS handshake counts as refused."""
+    server_hostname = "localhost" if tls is not None else None
     while not stop.is_set():
         started = time.monotonic()
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 5)
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(
+                    "127.0.0.1", port, ssl=tls, server_hostname=server_hostname
+                ),
+                5,
+            )
         except (OSError, TimeoutError):
             tally.refused_connections += 1
             await asyncio.sleep(0.05)
@@ -414,6 +579,9 @@ class Run:
     attack: str
     connections: int
     seconds: float
+    transport: str = "plaintext"
+    after: float = 30.0
+    """Seconds between the attack's end and the last RSS reading."""
     baseline_rss_kib: int = 0
     peak_rss_kib: int = 0
     peak_threads: int = 0
@@ -421,6 +589,9 @@ class Run:
     rss_after_kib: int = 0
     probes_ok: int = 0
     probes_failed: int = 0
+    probe_port_ok: int | None = None
+    """Probes answered on the probe listener (None: the target has none)."""
+    probe_port_failed: int | None = None
     probes_ok_after: int = 0
     alive: bool = True
     exit_code: int | None = None
@@ -433,25 +604,21 @@ async def run_attack(server: Server, run: Run, *, after: float) -> None:
     name, connections, seconds = run.attack, run.connections, run.seconds
     stop = asyncio.Event()
     tally = Tally()
-    probes = Probes()
     port = server.http_port if name == "idle-http" else server.port
     if port is None:
         raise ValueError(f"{name} needs an HTTP port")
     count = connections * HELD.get(name, 1)
+    # idle-tls speaks raw TCP (its half ClientHello is the attack); the HTTP port is plaintext.
+    tls = client_tls() if server.tls and name not in {"idle-tls", "idle-http"} else None
     tasks = [
-        asyncio.create_task(attacker(port, ATTACK_FUNCTIONS[name], tally, i, stop))
+        asyncio.create_task(attacker(port, ATTACK_FUNCTIONS[name], tally, i, stop, tls=tls))
         for i in range(count)
     ]
-    # The prober runs in a process of its own, so that the attack's busy loop does not
-    # delay it: its failures are the server's.
-    probing_process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        __file__,
-        "--probe",
-        str(server.port),
-        "--seconds",
-        str(seconds),
-        stdout=asyncio.subprocess.PIPE,
+    main_prober = await start_prober(server.port, seconds, tls=server.tls)
+    port_prober = (
+        await start_prober(server.probe_port, seconds, tls=False)
+        if server.probe_port is not None
+        else None
     )
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline and server.process.poll() is None:
@@ -462,15 +629,29 @@ async def run_attack(server: Server, run: Run, *, after: float) -> None:
         await asyncio.sleep(0.2)
     stop.set()
     await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
-    out, _ = await asyncio.wait_for(probing_process.communicate(), 30)
-    probes.ok, probes.failed = (int(n) for n in out.split())
+    probes = await prober_result(main_prober)
     run.probes_ok, run.probes_failed = probes.ok, probes.failed
+    if port_prober is not None:
+        probes = await prober_result(port_prober)
+        run.probe_port_ok, run.probe_port_failed = probes.ok, probes.failed
     run.tally = asdict(tally)
     await asyncio.sleep(after)
     run.rss_after_kib = server.sample()[0]
     run.alive = server.process.poll() is None
     if run.alive:
-        run.probes_ok_after = sum([await probe_once(server.port) for _ in range(3)])
+        run.probes_ok_after = sum([await probe_once(server.port, tls=server.tls) for _ in range(3)])
+
+
+def transports(text: str) -> list[str]:
+    """``--transport``'s value: a comma-separated list of TRANSPORTS."""
+    chosen = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [part for part in chosen if part not in TRANSPORTS]
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(
+            f"unknown transport {', '.join(unknown) or repr(text)}: choose from "
+            + ", ".join(TRANSPORTS)
+        )
+    return chosen
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -480,6 +661,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--target", action="append", choices=("petsage", "bare"), help="default: both"
+    )
+    parser.add_argument(
+        "--transport",
+        action="append",
+        type=transports,
+        metavar="plaintext,tls",
+        help="the main port's transport; repeatable or comma-separated; default: both",
     )
     parser.add_argument("--connections", type=int, action="append", help="default: 4 and 16")
     parser.add_argument("--seconds", type=float, default=30.0)
@@ -492,6 +680,7 @@ def main(argv: list[str] | None = None) -> int:
         "--server-arg", action="append", default=[], help="extra petsage serve argument"
     )
     parser.add_argument("--probe", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--probe-tls", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
         "--table", type=Path, metavar="JSON", help="print the runs of a --json file as a table"
     )
@@ -500,53 +689,86 @@ def main(argv: list[str] | None = None) -> int:
         print(table([Run(**run) for run in json.loads(args.table.read_text())]))
         return 0
     if args.probe is not None:
-        return run_prober(args.probe, args.seconds)
+        return run_prober(args.probe, args.seconds, tls=args.probe_tls)
     attacks = args.attack or list(ATTACKS)
     targets = args.target or ["petsage", "bare"]
+    chosen = [t for each in args.transport or [list(TRANSPORTS)] for t in each]
+    chosen = [t for t in TRANSPORTS if t in chosen]
+    plan = [
+        (name, connections, transport, target)
+        for name in attacks
+        for connections in args.connections or [4, 16]
+        for transport in chosen
+        for target in targets
+        if applies(name, transport, target)
+    ]
+    if not plan:
+        parser.error("no attack chosen applies to the transports and targets chosen")
     scratch = ROOT / ".tmp" / "attack"
     scratch.mkdir(parents=True, exist_ok=True)
+    certificate = None
+    if "tls" in chosen:
+        if shutil.which("openssl") is None:
+            parser.error("--transport tls needs the openssl command to make a certificate")
+        certificate = make_certificate(scratch)
     runs: list[Run] = []
-    for name in attacks:
-        for connections in args.connections or [4, 16]:
-            for target in targets:
-                if target == "bare" and name == "idle-http":
-                    continue
-                server = start_server(target, scratch, args.server_arg)
-                run = Run(target=target, attack=name, connections=connections, seconds=args.seconds)
-                try:
-                    time.sleep(args.settle)
-                    run.baseline_rss_kib = server.sample()[0]
-                    asyncio.run(run_attack(server, run, after=args.after))
-                finally:
-                    run.exit_code = stop_server(server)
-                    text = server.log.read_bytes()
-                    run.log_bytes, run.log_lines = len(text), text.count(b"\n")
-                runs.append(run)
-                print(summary(run), flush=True)
+    for name, connections, transport, target in plan:
+        server = start_server(
+            target,
+            scratch,
+            args.server_arg,
+            certificate=certificate if transport == "tls" else None,
+        )
+        run = Run(
+            target=target,
+            attack=name,
+            connections=connections,
+            seconds=args.seconds,
+            transport=transport,
+            after=args.after,
+        )
+        try:
+            time.sleep(args.settle)
+            run.baseline_rss_kib = server.sample()[0]
+            asyncio.run(run_attack(server, run, after=args.after))
+        finally:
+            run.exit_code = stop_server(server)
+            text = server.log.read_bytes()
+            run.log_bytes, run.log_lines = len(text), text.count(b"\n")
+        runs.append(run)
+        print(summary(run), flush=True)
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in runs], indent=1))
     return 0 if all(r.alive for r in runs) else 1
 
 
+def share(ok: int | None, failed: int | None) -> str:
+    """Probes answered as "ok/all (percent)"; "—" where there was no such prober."""
+    if ok is None or failed is None:
+        return "—"
+    total = ok + failed
+    return f"{ok}/{total} ({100 * ok / total:.0f} %)" if total else "-"
+
+
 def table(runs: list[Run]) -> str:
     """The runs as a Markdown table, petsage and bare side by side."""
+    afters = {run.after for run in runs}
+    after = f"{afters.pop():g} s after" if len(afters) == 1 else "after"
     lines = [
-        "| attack | conns | server | baseline MiB | peak MiB | 30 s after MiB | after / baseline "
-        "| threads | fds | probes OK | closed by server | log lines |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| attack | conns | transport | server | baseline MiB | peak MiB | {after} MiB "
+        "| after / baseline | threads | fds | main port probes OK | probe port OK "
+        "| closed by server | log lines |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for run in runs:
-        probes = run.probes_ok + run.probes_failed
-        share = (
-            f"{run.probes_ok}/{probes} ({100 * run.probes_ok / probes:.0f} %)" if probes else "-"
-        )
         ratio = run.rss_after_kib / run.baseline_rss_kib if run.baseline_rss_kib else 0.0
         lines.append(
-            f"| {run.attack} | {run.connections} | {run.target} | "
+            f"| {run.attack} | {run.connections} | {run.transport} | {run.target} | "
             f"{run.baseline_rss_kib / 1024:.1f} | {run.peak_rss_kib / 1024:.1f} | "
             f"{run.rss_after_kib / 1024:.1f} | {ratio:.2f} | {run.peak_threads} | "
-            f"{run.peak_fds} | {share} | {run.tally.get('closed_by_server', 0)} | "
-            f"{run.log_lines} |"
+            f"{run.peak_fds} | {share(run.probes_ok, run.probes_failed)} | "
+            f"{share(run.probe_port_ok, run.probe_port_failed)} | "
+            f"{run.tally.get('closed_by_server', 0)} | {run.log_lines} |"
         )
     return "\n".join(lines)
 
@@ -558,12 +780,17 @@ def summary(run: Run) -> str:
         "peak": run.peak_rss_kib / 1024,
         "after": run.rss_after_kib / 1024,
     }
+    probe_port = (
+        f"{run.probe_port_ok}/{run.probe_port_ok + run.probe_port_failed}"
+        if run.probe_port_ok is not None and run.probe_port_failed is not None
+        else "—"
+    )
     return (
-        f"{run.attack:13} {run.target:8} x{run.connections:<3} "
+        f"{run.attack:13} {run.transport:9} {run.target:8} x{run.connections:<3} "
         f"baseline {mib['baseline']:6.1f} MiB peak {mib['peak']:7.1f} MiB "
         f"after {mib['after']:6.1f} MiB threads {run.peak_threads:3} fds {run.peak_fds:5} "
-        f"probes {run.probes_ok}/"
-        f"{run.probes_ok + run.probes_failed} after {run.probes_ok_after}/3 "
+        f"probes {run.probes_ok}/{run.probes_ok + run.probes_failed} "
+        f"probe port {probe_port} after {run.probes_ok_after}/3 "
         f"closed {run.tally['closed_by_server']} goaway {run.tally['goaways']} "
         f"log {run.log_lines} lines exit {run.exit_code}"
     )

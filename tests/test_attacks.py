@@ -3,10 +3,11 @@
 Each runs for a few seconds against a fresh server with the default memory budget (the
 manifest's 128 MiB) and asserts structure, not timing: the server stays up, answers a
 probe afterwards, and closes or refuses what it should (calls held without a request
-message end with RESOURCE_EXHAUSTED or DEADLINE_EXCEEDED; Watch streams beyond the
-derived cap are refused; HTTP connections beyond the per-peer cap are closed at once;
-idle connections are closed; a malformed request costs at most one log line). The full
-30-second runs with their figures are in docs/reliability.md.
+message end with RESOURCE_EXHAUSTED or DEADLINE_EXCEEDED, in plaintext and over TLS;
+Watch streams beyond the derived cap are refused; HTTP connections beyond the per-peer
+cap are closed at once; idle connections and half ClientHellos are closed; a malformed
+request costs at most one log line; the probe listener answers while the main port is
+attacked). The full 30-second runs with their figures are in docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import select
+import shutil
 import socket
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Final
@@ -65,9 +67,24 @@ def http_server(spawn_server: SpawnServer) -> tuple[ServerProcess, int]:
     return spawn_server("--http-port", str(port)), port
 
 
-def probe_answers(server: ServerProcess) -> bool:
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The harness's throwaway certificate and key (``openssl``)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is not installed")
+    return attack.make_certificate(tmp_path_factory.mktemp("attack-tls"))
+
+
+def tls_args(transport: str, certificate: Any) -> list[str]:
+    """The serve arguments for *transport* (plaintext: none)."""
+    if transport == "plaintext":
+        return []
+    return ["--tls-cert", str(certificate.cert), "--tls-key", str(certificate.key)]
+
+
+def probe_answers(server: ServerProcess, *, tls: bool = False) -> bool:
     """A kubelet-model probe (new connection, Check readiness, 1 s) answers SERVING."""
-    return any(asyncio.run(attack.probe_once(server.port)) for _ in range(5))
+    return any(asyncio.run(attack.probe_once(server.port, tls=tls)) for _ in range(5))
 
 
 def run_attack(
@@ -75,45 +92,70 @@ def run_attack(
     port: int,
     connections: int,
     *,
+    tls: bool = False,
     until: Callable[[Any], bool] | None = None,
 ) -> Any:
     """Run attack *name* against *port* from *connections* connections for a few seconds
-    (or, with *until*, until it holds for the harness's Tally, at most IO_TIMEOUT);
-    return the Tally."""
+    (over TLS when *tls*; with *until*, until it holds for the Tally, at most IO_TIMEOUT);
+    return the harness's Tally."""
+    return asyncio.run(attack_while(name, port, connections, tls=tls, until=until))
 
-    async def timed() -> Any:
-        tally, stop = attack.Tally(), asyncio.Event()
-        tasks = [
-            asyncio.create_task(
-                attack.attacker(port, attack.ATTACK_FUNCTIONS[name], tally, index, stop)
-            )
-            for index in range(connections)
-        ]
-        if until is None:
-            await asyncio.sleep(ATTACK_SECONDS)
-        else:
-            deadline = time.monotonic() + IO_TIMEOUT
-            while not until(tally) and time.monotonic() < deadline:  # noqa: ASYNC110
-                await asyncio.sleep(0.1)  # the Tally is plain counters: nothing to await
-        stop.set()
-        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), IO_TIMEOUT)
+
+async def attack_while(
+    name: str,
+    port: int,
+    connections: int,
+    *,
+    tls: bool = False,
+    during: Callable[[], Coroutine[Any, Any, Any]] | None = None,
+    until: Callable[[Any], bool] | None = None,
+) -> Any:
+    """Attack for ATTACK_SECONDS, or until *until* holds for the Tally (awaiting *during*
+    meanwhile); return the Tally, or with *during*, the Tally and what *during* returned."""
+    tally, stop = attack.Tally(), asyncio.Event()
+    context = attack.client_tls() if tls else None
+    tasks = [
+        asyncio.create_task(
+            attack.attacker(port, attack.ATTACK_FUNCTIONS[name], tally, index, stop, tls=context)
+        )
+        for index in range(connections)
+    ]
+    meanwhile = asyncio.create_task(during()) if during is not None else None
+    if until is None:
+        await asyncio.sleep(ATTACK_SECONDS)
+    else:
+        deadline = time.monotonic() + IO_TIMEOUT
+        while not until(tally) and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)  # the Tally is plain counters: nothing to await
+    stop.set()
+    await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), IO_TIMEOUT)
+    if meanwhile is None:
         return tally
-
-    return asyncio.run(timed())
+    return tally, await asyncio.wait_for(meanwhile, IO_TIMEOUT)
 
 
 def grpc_statuses(
-    port: int, *, path: str, count: int, body: bytes | None, until: Callable[[dict[int, str]], bool]
+    port: int,
+    *,
+    path: str,
+    count: int,
+    body: bytes | None,
+    until: Callable[[dict[int, str]], bool],
+    tls: bool = False,
 ) -> dict[int, str]:
-    """Open *count* calls on one connection (with *body*, or HEADERS alone and held open);
-    return each stream's outcome: its grpc-status, or "data" for a first message."""
+    """Open *count* calls on one connection (with *body*, or HEADERS alone and held open;
+    over TLS with ALPN h2 when *tls*); return each stream's outcome: its grpc-status, or
+    "data" for a first message."""
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     conn.initiate_connection()
     outcomes: dict[int, str] = {}
-    with socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) as sock:
+    raw = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
+    if tls:
+        raw = attack.client_tls().wrap_socket(raw, server_hostname="localhost")
+    with raw as sock:
         headers = [
             (":method", "POST"),
-            (":scheme", "http"),
+            (":scheme", "https" if tls else "http"),
             (":path", path),
             (":authority", "127.0.0.1"),
             ("content-type", "application/grpc"),
@@ -174,6 +216,20 @@ def test_continuation_flood_connections_are_closed_by_the_server(
     assert "receiving more than 256 KiB/s" in server.log()
 
 
+@pytest.mark.parametrize("transport", attack.TRANSPORTS)
+def test_continuation_flood_leaves_the_server_up_and_answering(
+    spawn_server: SpawnServer, certificate: Any, transport: str
+) -> None:
+    server = spawn_server("--http-port", str(free_port()), *tls_args(transport, certificate))
+    tls = transport == "tls"
+    tally = run_attack("continuation", server.port, 4, tls=tls)
+    assert tally.connections >= 4
+    assert tally.bytes_sent > 0
+    assert "SETTINGS" in tally.frames_seen, "the server spoke HTTP/2 to the attacker"
+    assert server.process.poll() is None
+    wait_until(lambda: probe_answers(server, tls=tls), "a probe answered after the flood")
+
+
 def test_rapid_reset_leaves_the_server_up_and_answering(
     http_server: tuple[ServerProcess, int],
 ) -> None:
@@ -184,13 +240,17 @@ def test_rapid_reset_leaves_the_server_up_and_answering(
     wait_until(lambda: probe_answers(server), "a probe answered after the resets")
 
 
-def test_calls_held_without_a_message_end_with_a_clear_status(spawn_server: SpawnServer) -> None:
+@pytest.mark.parametrize("transport", attack.TRANSPORTS)
+def test_calls_held_without_a_message_end_with_a_clear_status(
+    spawn_server: SpawnServer, certificate: Any, transport: str
+) -> None:
     """Over the cap the oldest end with RESOURCE_EXHAUSTED, the rest after the timeout.
 
     The smallest budget (80 MiB) lets one connection open more calls (120) than may
     wait (100).
     """
-    server = spawn_server("--memory-budget", "80")
+    tls = transport == "tls"
+    server = spawn_server("--memory-budget", "80", *tls_args(transport, certificate))
     bounds = derive_bounds(80)
     count = bounds.max_streams_per_connection
     assert count > bounds.max_calls_awaiting_request
@@ -200,12 +260,13 @@ def test_calls_held_without_a_message_end_with_a_clear_status(spawn_server: Spaw
         count=count,
         body=None,
         until=lambda seen: len(seen) >= count,
+        tls=tls,
     )
     assert len(outcomes) == count, f"{count - len(outcomes)} calls never answered"
     values = list(outcomes.values())
     assert values.count("8") == count - bounds.max_calls_awaiting_request  # RESOURCE_EXHAUSTED
     assert values.count("4") == bounds.max_calls_awaiting_request  # DEADLINE_EXCEEDED
-    assert probe_answers(server)
+    assert probe_answers(server, tls=tls)
 
 
 def test_watch_cap_in_all_comes_from_the_budget(spawn_server: SpawnServer) -> None:
@@ -304,6 +365,38 @@ def test_half_preface_connections_are_closed_after_the_handshake_timeout(
             received += chunk
         assert len(received) < 1000
     assert probe_answers(server)
+
+
+def test_half_client_hello_connections_are_closed_after_the_handshake_timeout(
+    spawn_server: SpawnServer, certificate: Any
+) -> None:
+    server = spawn_server(*tls_args("tls", certificate))
+    with socket.create_connection(("127.0.0.1", server.port), timeout=IO_TIMEOUT) as sock:
+        sock.sendall(attack.partial_client_hello())
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+        # Nothing to answer half a ClientHello with: closed without a word (or an alert).
+        assert len(received) < 100
+    assert probe_answers(server, tls=True)
+
+
+def test_probe_port_answers_during_an_attack_on_the_main_port(spawn_server: SpawnServer) -> None:
+    """The kubelet's port keeps answering while rapid resets keep the main port busy."""
+    probe_port = free_port()
+    server = spawn_server("--probe-port", str(probe_port))
+
+    async def probe_port_prober() -> Any:
+        # Its own process, as in the harness: the attack's loop does not delay it.
+        process = await attack.start_prober(probe_port, ATTACK_SECONDS, tls=False)
+        return await attack.prober_result(process)
+
+    tally, probes = asyncio.run(
+        attack_while("rapid-reset", server.port, 4, during=probe_port_prober)
+    )
+    assert tally.bytes_sent > 0
+    assert probes.ok > 0, f"no probe answered on the probe port ({probes.failed} failed)"
+    assert server.process.poll() is None
 
 
 # -- HTTP port --------------------------------------------------------------------------
