@@ -454,6 +454,9 @@ async def continuation(writer: asyncio.StreamWriter, tally: Tally, index: int) -
             writer.write(payload)
         tally.bytes_sent += 16 * len(payload)
         await writer.drain()
+        # A TLS transport whose socket the server shut down drops writes without
+        # raising or pausing: yield, so that the reader sees the end and stops this.
+        await asyncio.sleep(0)
 
 
 async def no_message(writer: asyncio.StreamWriter, tally: Tally, index: int) -> None:
@@ -494,6 +497,7 @@ async def rapid_reset(writer: asyncio.StreamWriter, tally: Tally, index: int) ->
         writer.write(data)
         tally.bytes_sent += len(data)
         await writer.drain()
+        await asyncio.sleep(0)  # as in continuation()
 
 
 async def idle_http(writer: asyncio.StreamWriter, tally: Tally, index: int) -> None:

@@ -15,8 +15,10 @@ own (so it acts however busy the event loop is), and sheds:
   last look (at least 64 KiB; at the first look, everything it ever received) while the
   server sent it less than an eighth of that: headers that never end, streams reset as
   soon as they open. A health client gets about as much back as it sends. Above
-  ``memory_high_bytes``, any connection receiving that fast. Then the freed heap is
-  given back (``malloc_trim``).
+  ``memory_high_bytes``, any connection receiving that fast. Then every connection
+  from the flood's address is closed on sight until it has made none for 10 s (a flood
+  reconnects at once, and grpc core spends a core parsing it), and the freed heap is given back
+  (``malloc_trim``).
 
 It never closes a descriptor: it shuts down a duplicate of one, checked to be the same
 socket, so that a descriptor grpc core has meanwhile closed and reused is never touched.
@@ -55,6 +57,7 @@ _TICKS: Final = {"quiet": 0.1, "watching": 0.1, "shedding": 0.02}
 _MIN_FLOOD_BYTES: Final = 64 * 1024
 """Bytes a connection must have received since the last look to be a flood at all."""
 _FLOOD_LOOKS: Final = 2
+_BAN_SECONDS: Final = 10.0
 _REPORT_EVERY: Final = 60.0
 
 
@@ -116,6 +119,8 @@ class ConnectionShedder:
         self.shed_for_memory = 0
         """Connections shed for receiving fast while memory was high, since start."""
         self._failed = False
+        self._banned: dict[str, float] = {}
+        """Peer addresses whose connections are closed on sight, until when."""
         self._statm = -1
         self._reported = (0, 0)
         self._reported_at = 0.0
@@ -168,27 +173,35 @@ class ConnectionShedder:
         """Look once; say how soon to look again (``quiet``, ``watching``, ``shedding``)."""
         rss = int(os.pread(self._statm, 64, 0).split()[1]) * _PAGE
         high, rising = rss > self._memory_high, rss > self._memory_rising
+        self._banned = {peer: until for peer, until in self._banned.items() if until > now}
+        watching = rising or bool(self._banned)
         # Linux 6.2+ counts descriptors in the directory's size, without listing them.
-        if not rising and 0 < os.stat(_FDS).st_size <= self._max_per_address:
+        if not watching and 0 < os.stat(_FDS).st_size <= self._max_per_address:
             self._known.clear()
             return "quiet"
         names = os.listdir(_FDS)
-        if not rising and len(names) <= self._max_per_address:
+        if not watching and len(names) <= self._max_per_address:
             self._known.clear()
             return "quiet"
         connections = self._connections(names, now)
         shed = self._over_cap(connections)
         if rising:
-            shed_fast = self._floods(connections, elapsed, any_fast=high)
-            self.shed_for_memory += len(shed_fast)
-            shed |= shed_fast
+            for inode in self._floods(connections, elapsed, any_fast=high):
+                self._banned[connections[inode].peer] = now + _BAN_SECONDS
+        # A flood reconnects at once: its address's connections go on sight for a while,
+        # before grpc core spends the CPU to parse what they send.
+        floods = {i for i, c in connections.items() if c.peer in self._banned} - shed
+        for inode in floods:  # until it has made no connection for that long
+            self._banned[connections[inode].peer] = now + _BAN_SECONDS
+        self.shed_for_memory += len(floods)
+        shed |= floods
         for inode in shed:
             self._shutdown(inode, connections[inode].fd)
         if shed and rising and self._give_back is not None:
             self._give_back()
         self._report(now)
         suspects = any(c.flooding for c in connections.values())
-        return "shedding" if shed or suspects else "watching"
+        return "shedding" if shed or suspects or self._banned else "watching"
 
     def _connections(self, names: list[str], now: float) -> dict[int, _Connection]:
         """The main port's connections, by socket inode (new ones looked at once)."""
@@ -305,13 +318,12 @@ class ConnectionShedder:
         for_memory = counts[1] - self._reported[1]
         self._reported, self._reported_at = counts, now
         _log.warning(
-            "closed %d connections over the %d-per-address cap and %d receiving more than "
-            "%d KiB/s while memory was above %d MiB",
+            "closed %d gRPC connections over the %d-per-address cap and %d of flooding "
+            "addresses (receiving over %d KiB/s, answered next to nothing, while memory grew)",
             over_cap,
             self._max_per_address,
             for_memory,
             self._fast >> 10,
-            self._memory_high >> 20,
             extra={"event": "connections_shed"},
         )
 
