@@ -20,7 +20,7 @@ glibc gives each thread that allocates while its arenas are busy an arena of its
 one live allocation keeps resident, where ``malloc_trim`` cannot give it back. Under a
 rapid reset grpc core's threads allocate and free hundreds of MiB a second: with
 glibc's default (11 heaps here) RSS stayed at 2.3-2.4 times its baseline 30 s after,
-with :data:`HEAP_ARENAS` (:func:`limit_heap_arenas`) at 1.35-1.56 (docs/reliability.md).
+with :data:`HEAP_ARENAS` (:func:`limit_heap_arenas`) at 1.24-1.56 (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ FD_RESERVE: Final = 64
 HTTP_CONNECTIONS: Final = 512
 """The HTTP face's cap (HttpLimits.max_connections)."""
 HEAP_ARENAS: Final = 2
-"""glibc malloc arenas for the whole process: the event loop's and one that grpc core's
-threads share (glibc's default: 8 per core)."""
+"""glibc malloc arenas that every thread of the process shares (glibc's default: up to 8
+per core, so grpc core's threads each got one)."""
 _M_ARENA_MAX: Final = -8
 """mallopt's parameter number for the arena cap (glibc's malloc.h)."""
 
