@@ -188,6 +188,11 @@ def _check_addresses(options: ServeOptions) -> None:
 
 
 async def _assemble(options: ServeOptions, board: StatusBoard) -> _Assembly:
+    if options.bounds is not None:
+        from petsage_grpc.server._budget import limit_heap_arenas  # noqa: PLC0415
+
+        # Before any grpc server starts its threads (docs/reliability.md, rapid reset).
+        limit_heap_arenas()
     credentials = None
     if options.tls is not None:
         # Loaded only when used, like the HTTP face below: every module costs start-up
