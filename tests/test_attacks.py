@@ -379,7 +379,7 @@ def test_grpc_connections_beyond_the_per_address_cap_are_closed(
         for sock in held:
             sock.close()
     assert closed_connections(http_port, "address_cap") == 6
-    assert "closed 6 connections over the 8-per-address cap" in server.log()
+    assert "closed 6 gRPC connections over the 8-per-address cap" in server.log()
 
 
 def test_half_preface_connections_are_closed_after_the_handshake_timeout(
