@@ -19,8 +19,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import threading
-import time
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -30,7 +28,6 @@ _log = logging.getLogger("petsage_grpc.server")
 _PAGE: Final = os.sysconf("SC_PAGE_SIZE")
 _TRIM_RATIO: Final = 1.3
 _TRIM_EVERY: Final = 5.0
-_TRIM_AT_MOST_EVERY: Final = 1.0
 
 
 def _rss_bytes() -> int:
@@ -62,8 +59,6 @@ class MemoryGuard:
         self._trim: Callable[[], Any] | None = None
         self._trim_missing = False
         self._task: asyncio.Task[None] | None = None
-        self._trim_lock = threading.Lock()
-        self._trimmed_at = float("-inf")
 
     def start(self) -> None:
         """Start reading RSS once a second (on the running loop)."""
@@ -102,21 +97,14 @@ class MemoryGuard:
             now = loop.time()
             if rss > started_at * _TRIM_RATIO and now - trimmed_at > _TRIM_EVERY:
                 trimmed_at = now
-                self.give_back()
+                self._give_back()
 
-    def give_back(self) -> None:
-        """Return free heap pages to the system (any thread; at most once a second)."""
-        with self._trim_lock:
-            now = time.monotonic()
-            if now - self._trimmed_at < _TRIM_AT_MOST_EVERY:
-                return
-            self._trimmed_at = now
-            if self._trim is None and not self._trim_missing:
-                self._trim = _malloc_trim()
-                self._trim_missing = self._trim is None
-            trim = self._trim
-        if trim is not None:
-            trim()
+    def _give_back(self) -> None:
+        if self._trim is None and not self._trim_missing:
+            self._trim = _malloc_trim()
+            self._trim_missing = self._trim is None
+        if self._trim is not None:
+            self._trim()
 
     def admits_watch(self) -> bool:
         """Whether a new Watch stream may open: False while memory is above the watermark."""

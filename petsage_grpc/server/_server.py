@@ -236,7 +236,6 @@ async def _assemble(options: ServeOptions, board: StatusBoard) -> _Assembly:
         shedder = ConnectionShedder(
             max_per_address=options.bounds.max_grpc_connections_per_address,
             memory_high_bytes=options.bounds.budget_mib * 2**20 * 8 // 10,
-            give_back=guard.give_back,
         )
     metrics = http = None
     if options.http_port is not None:

@@ -15,10 +15,9 @@ own (so it acts however busy the event loop is), and sheds:
   last look (at least 64 KiB; at the first look, everything it ever received) while the
   server sent it less than an eighth of that: headers that never end, streams reset as
   soon as they open. A health client gets about as much back as it sends. Above
-  ``memory_high_bytes``, any connection receiving that fast. Then every connection
-  from the flood's address is closed on sight until it has made none for 10 s (a flood
-  reconnects at once, and grpc core spends a core parsing it), and the freed heap is given back
-  (``malloc_trim``).
+  ``memory_high_bytes``, any connection receiving that fast. (Closing every new
+  connection of a flooding address on sight was tried: against rapid reset, tearing
+  down hundreds of fresh streams a second starved the probe port.)
 
 It never closes a descriptor: it shuts down a duplicate of one, checked to be the same
 socket, so that a descriptor grpc core has meanwhile closed and reused is never touched.
@@ -38,7 +37,6 @@ import struct
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -57,7 +55,6 @@ _TICKS: Final = {"quiet": 0.1, "watching": 0.1, "shedding": 0.02}
 _MIN_FLOOD_BYTES: Final = 64 * 1024
 """Bytes a connection must have received since the last look to be a flood at all."""
 _FLOOD_LOOKS: Final = 2
-_BAN_SECONDS: Final = 10.0
 _REPORT_EVERY: Final = 60.0
 
 
@@ -92,7 +89,6 @@ class ConnectionShedder:
             *fast_bytes_per_second* is closed, whether or not it is answered.
         memory_rising_ratio: RSS, as a multiple of the RSS at :meth:`start`, above which
             connections receiving that fast but sent next to nothing are closed.
-        give_back: called after connections were closed for memory (``malloc_trim``).
     """
 
     def __init__(
@@ -102,7 +98,6 @@ class ConnectionShedder:
         memory_high_bytes: int,
         memory_rising_ratio: float = 1.15,
         fast_bytes_per_second: int = 256 * 1024,
-        give_back: Callable[[], None] | None = None,
     ) -> None:
         self._port = 0
         self._max_per_address = max_per_address
@@ -110,7 +105,6 @@ class ConnectionShedder:
         self._rising_ratio = memory_rising_ratio
         self._memory_rising = memory_high_bytes
         self._fast = fast_bytes_per_second
-        self._give_back = give_back
         self._known: dict[int, _Connection | None] = {}  # socket inode -> connection
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -119,8 +113,6 @@ class ConnectionShedder:
         self.shed_for_memory = 0
         """Connections shed for receiving fast while memory was high, since start."""
         self._failed = False
-        self._banned: dict[str, float] = {}
-        """Peer addresses whose connections are closed on sight, until when."""
         self._statm = -1
         self._reported = (0, 0)
         self._reported_at = 0.0
@@ -173,8 +165,7 @@ class ConnectionShedder:
         """Look once; say how soon to look again (``quiet``, ``watching``, ``shedding``)."""
         rss = int(os.pread(self._statm, 64, 0).split()[1]) * _PAGE
         high, rising = rss > self._memory_high, rss > self._memory_rising
-        self._banned = {peer: until for peer, until in self._banned.items() if until > now}
-        watching = rising or bool(self._banned)
+        watching = rising
         # Linux 6.2+ counts descriptors in the directory's size, without listing them.
         if not watching and 0 < os.stat(_FDS).st_size <= self._max_per_address:
             self._known.clear()
@@ -186,22 +177,14 @@ class ConnectionShedder:
         connections = self._connections(names, now)
         shed = self._over_cap(connections)
         if rising:
-            for inode in self._floods(connections, elapsed, any_fast=high):
-                self._banned[connections[inode].peer] = now + _BAN_SECONDS
-        # A flood reconnects at once: its address's connections go on sight for a while,
-        # before grpc core spends the CPU to parse what they send.
-        floods = {i for i, c in connections.items() if c.peer in self._banned} - shed
-        for inode in floods:  # until it has made no connection for that long
-            self._banned[connections[inode].peer] = now + _BAN_SECONDS
-        self.shed_for_memory += len(floods)
-        shed |= floods
+            floods = self._floods(connections, elapsed, any_fast=high) - shed
+            self.shed_for_memory += len(floods)
+            shed |= floods
         for inode in shed:
             self._shutdown(inode, connections[inode].fd)
-        if shed and rising and self._give_back is not None:
-            self._give_back()
         self._report(now)
         suspects = any(c.flooding for c in connections.values())
-        return "shedding" if shed or suspects or self._banned else "watching"
+        return "shedding" if shed or suspects else "watching"
 
     def _connections(self, names: list[str], now: float) -> dict[int, _Connection]:
         """The main port's connections, by socket inode (new ones looked at once)."""
