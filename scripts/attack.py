@@ -55,6 +55,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -659,6 +660,9 @@ def transports(text: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The attacker writes on after the server has shut a TLS connection down; asyncio
+    # warns once per write, which says nothing about the server.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     parser = argparse.ArgumentParser(prog="scripts/attack.py", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--attack", action="append", choices=ATTACKS, help="repeatable; default: all"

@@ -77,10 +77,11 @@ def _serve(argv: Sequence[str], environ: Mapping[str, str]) -> int:
     # Flag and environment are valid now; the file may still set the format below.
     given = flags["log_format"] or valid_format(environ.get(LOG_FORMAT_ENV))
     parser.log_format = early["log_format"]
-    if given == "json":
-        # grpc core writes its own plain-text lines; silence it before anything (a
-        # python check's module, say) imports grpc, which reads this once.
-        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    # grpc core writes its own lines, outside the server's log and its format, and a
+    # client can make it write one per connection (a header block over the limit, a
+    # failed TLS handshake): silence it unless the operator asks, before anything (a
+    # python check's module, say) imports grpc, which reads this once.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
     from petsage_grpc.server._config import Config, ConfigError, load_config  # noqa: PLC0415
 
@@ -98,11 +99,6 @@ def _serve(argv: Sequence[str], environ: Mapping[str, str]) -> int:
     except SettingError as error:
         parser.error(str(error))
     parser.log_format = values["log_format"]
-    if values["log_format"] == "json":
-        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
-    # grpc core logs every failed TLS handshake (a port scan, a plaintext probe) at INFO;
-    # keep its errors only, unless the operator asks for more.
-    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
     import asyncio  # noqa: PLC0415 - heavy imports only once the input is known to be good
 

@@ -4,7 +4,7 @@ In JSON, every line the server writes to stderr is one JSON object, from the fir
 problems found before the server runs (:func:`startup_error_line`), Python warnings and
 exceptions that escape a thread included. grpc core writes its own lines in its own
 format and offers no way to route them here (grpc/grpc#38703), so the command line
-silences it in JSON unless ``GRPC_VERBOSITY`` is set (docs/operations.md).
+silences it unless ``GRPC_VERBOSITY`` is set (docs/operations.md).
 """
 
 from __future__ import annotations
