@@ -10,7 +10,8 @@ own (so it acts however busy the event loop is), and sheds:
 - **per address**: connections from one peer address beyond ``max_per_address``, the
   newest first (a cap on new connections, enforced within a tick), so that one client
   cannot fill ``grpc.max_allowed_incoming_connections`` and lock probes out;
-- **floods, once memory grows** (RSS 1.15 times what it was at start): a connection
+- **floods, once memory grows** (RSS 1.15 times what it was at start) **or the process
+  is busy** (over half a core since the last look): a connection
   that, at two looks in a row, received more than ``fast_bytes_per_second`` since the
   last look (at least 64 KiB; at the first look, everything it ever received) while the
   server sent it less than an eighth of that: headers that never end, streams reset as
@@ -23,8 +24,8 @@ It never closes a descriptor: it shuts down a duplicate of one, checked to be th
 socket, so that a descriptor grpc core has meanwhile closed and reused is never touched.
 Cost: RSS and a count of descriptors every 100 ms (an idle server: 0.04 s of CPU in
 30 s, against 0.02 s without); each connection's address and byte counters (a few
-microseconds each) only while there are more descriptors than ``max_per_address`` or
-memory has grown. Linux only (``/proc``, ``TCP_INFO``).
+microseconds each) only while there are more descriptors than ``max_per_address``,
+memory has grown or the process is busy. Linux only (``/proc``, ``TCP_INFO``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import struct
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -52,6 +54,8 @@ _BYTES: Final = struct.Struct("=QQ")  # tcpi_bytes_acked, tcpi_bytes_received at
 # (a few microseconds each) while memory is up or descriptors many; again soon after
 # closing some (a flood reconnects at once) or seeing a flood once.
 _TICKS: Final = {"quiet": 0.1, "watching": 0.1, "shedding": 0.02}
+_BUSY_CORES: Final = 0.5
+"""CPU the whole process used since the last look, in cores, above which floods are sought."""
 _MIN_FLOOD_BYTES: Final = 64 * 1024
 """Bytes a connection must have received since the last look to be a flood at all."""
 _FLOOD_LOOKS: Final = 2
@@ -88,7 +92,8 @@ class ConnectionShedder:
         memory_high_bytes: RSS above which every connection receiving faster than
             *fast_bytes_per_second* is closed, whether or not it is answered.
         memory_rising_ratio: RSS, as a multiple of the RSS at :meth:`start`, above which
-            connections receiving that fast but sent next to nothing are closed.
+            (or while the process uses over half a core) connections receiving that fast
+            but sent next to nothing are closed.
     """
 
     def __init__(
@@ -108,12 +113,11 @@ class ConnectionShedder:
         self._known: dict[int, _Connection | None] = {}  # socket inode -> connection
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.shed_over_cap = 0
-        """Connections shed for their address's cap, since start (read by metrics)."""
-        self.shed_for_memory = 0
-        """Connections shed for receiving fast while memory was high, since start."""
+        self._closed_over_cap = 0
+        self._closed_floods = 0
         self._failed = False
         self._statm = -1
+        self._cpu_seen = 0.0
         self._reported = (0, 0)
         self._reported_at = 0.0
 
@@ -126,7 +130,7 @@ class ConnectionShedder:
 
     def counts(self) -> dict[str, int]:
         """Connections closed since start, by reason (``address_cap``, ``flood``)."""
-        return {"address_cap": self.shed_over_cap, "flood": self.shed_for_memory}
+        return {"address_cap": self._closed_over_cap, "flood": self._closed_floods}
 
     def stop(self) -> None:
         """Stop watching (returns once the thread has ended)."""
@@ -142,7 +146,7 @@ class ConnectionShedder:
             os.close(self._statm)
 
     def _watch(self) -> None:
-        last = time.monotonic()
+        last, self._cpu_seen = time.monotonic(), time.process_time()
         tick = _TICKS["quiet"]
         while not self._stop.wait(tick):
             now = time.monotonic()
@@ -165,7 +169,10 @@ class ConnectionShedder:
         """Look once; say how soon to look again (``quiet``, ``watching``, ``shedding``)."""
         rss = int(os.pread(self._statm, 64, 0).split()[1]) * _PAGE
         high, rising = rss > self._memory_high, rss > self._memory_rising
-        watching = rising
+        # A flood grpc core parses as fast as it comes need not grow memory: it takes CPU.
+        cpu, self._cpu_seen = self._cpu_seen, time.process_time()
+        busy = self._cpu_seen - cpu > _BUSY_CORES * elapsed
+        watching = rising or busy
         # Linux 6.2+ counts descriptors in the directory's size, without listing them.
         if not watching and 0 < os.stat(_FDS).st_size <= self._max_per_address:
             self._known.clear()
@@ -176,9 +183,9 @@ class ConnectionShedder:
             return "quiet"
         connections = self._connections(names, now)
         shed = self._over_cap(connections)
-        if rising:
+        if watching:
             floods = self._floods(connections, elapsed, any_fast=high) - shed
-            self.shed_for_memory += len(floods)
+            self._closed_floods += len(floods)
             shed |= floods
         for inode in shed:
             self._shutdown(inode, connections[inode].fd)
@@ -238,7 +245,7 @@ class ConnectionShedder:
                 key=lambda i: (connections[i].first_seen, i),
             )
             shed.update(mine[self._max_per_address :])
-        self.shed_over_cap += len(shed)
+        self._closed_over_cap += len(shed)
         return shed
 
     def _floods(
@@ -292,27 +299,27 @@ class ConnectionShedder:
 
     def _report(self, now: float) -> None:
         """One warning when shedding starts, then one a minute while it goes on, with counts."""
-        counts = (self.shed_over_cap, self.shed_for_memory)
+        counts = (self._closed_over_cap, self._closed_floods)
         if counts == self._reported:
             return
         if any(self._reported) and now - self._reported_at < _REPORT_EVERY:
             return
         over_cap = counts[0] - self._reported[0]
-        for_memory = counts[1] - self._reported[1]
+        floods = counts[1] - self._reported[1]
         self._reported, self._reported_at = counts, now
         _log.warning(
-            "closed %d gRPC connections over the %d-per-address cap and %d of flooding "
-            "addresses (receiving over %d KiB/s, answered next to nothing, while memory grew)",
+            "closed %d gRPC connections over the %d-per-address cap and %d flooding ones "
+            "(receiving over %d KiB/s, answered next to nothing, while memory grew)",
             over_cap,
             self._max_per_address,
-            for_memory,
+            floods,
             self._fast >> 10,
             extra={"event": "connections_shed"},
         )
 
 
 @contextlib.contextmanager
-def _duplicate(fd: int, inode: int) -> Any:
+def _duplicate(fd: int, inode: int) -> Iterator[socket.socket | None]:
     """A socket on a duplicate of *fd*, if *fd* is still the socket *inode*; else None."""
     try:
         copy = os.dup(fd)
