@@ -68,7 +68,8 @@ class _StateCollector(Collector):
             closed = CounterMetricFamily(
                 "petsage_grpc_connections_closed",
                 "gRPC connections the server closed: address_cap (one peer address over its "
-                "cap), flood (receiving fast and answered little while memory grew).",
+                "cap), flood (receiving fast and answered little while memory grew or the process "
+                "was busy).",
                 labels=["reason"],
             )
             for reason, count in sorted(self._closed_connections().items()):
