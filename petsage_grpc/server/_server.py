@@ -232,7 +232,7 @@ async def _assemble(options: ServeOptions, board: StatusBoard) -> _Assembly:
             budget_mib=options.bounds.budget_mib, watermark_mib=options.bounds.watermark_mib
         )
         # What grpc core lets one client hold and gives no way to close: closed by the
-        # kernel (docs/reliability.md, "What bounds each attack").
+        # kernel (docs/reliability.md, "Closing connections grpc core keeps").
         shedder = ConnectionShedder(
             max_per_address=options.bounds.max_grpc_connections_per_address,
             memory_high_bytes=options.bounds.budget_mib * 2**20 * 8 // 10,
