@@ -38,7 +38,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from tcp_listener import TcpListener, free_port
 
 from petsage_grpc import HealthLimits
-from petsage_grpc.server._budget import HEAP_ARENAS, derive_bounds
+from petsage_grpc.server._budget import derive_bounds
+from petsage_grpc.server._guard import HEAP_ARENAS
 from petsage_grpc.server._http import HttpLimits
 
 SpawnServer = Callable[..., ServerProcess]

@@ -14,13 +14,6 @@ streams than the Watch share has room for (before, 1,100 per connection: 16 conn
 held 17,600 calls, 300 MiB). A watermark at 90 % of the
 budget refuses new Watch streams and gives freed memory back to the system
 (:mod:`petsage_grpc.server._guard`).
-
-glibc gives each thread that allocates while its arenas are busy an arena of its own
-(up to 8 per core), and what a flood frees in one stays there, spread over pages that
-one live allocation keeps resident, where ``malloc_trim`` cannot give it back. Under a
-rapid reset grpc core's threads allocate and free hundreds of MiB a second: with
-glibc's default (11 heaps here) RSS stayed at 2.3-2.4 times its baseline 30 s after,
-with :data:`HEAP_ARENAS` (:func:`limit_heap_arenas`) at 1.24-1.56 (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -29,14 +22,7 @@ import resource
 from dataclasses import dataclass
 from typing import Final
 
-__all__ = [
-    "BASELINE_MIB",
-    "DEFAULT_BUDGET_MIB",
-    "HEAP_ARENAS",
-    "Bounds",
-    "derive_bounds",
-    "limit_heap_arenas",
-]
+__all__ = ["BASELINE_MIB", "DEFAULT_BUDGET_MIB", "Bounds", "derive_bounds"]
 
 DEFAULT_BUDGET_MIB: Final = 128
 """deploy/kubernetes.yaml's memory limit (128Mi); a test keeps the two equal."""
@@ -52,11 +38,6 @@ FD_RESERVE: Final = 64
 """File descriptors never handed to clients: logs, config reloads, dependency checks."""
 HTTP_CONNECTIONS: Final = 512
 """The HTTP face's cap (HttpLimits.max_connections)."""
-HEAP_ARENAS: Final = 2
-"""glibc malloc arenas that every thread of the process shares (glibc's default: up to 8
-per core, so grpc core's threads each got one)."""
-_M_ARENA_MAX: Final = -8
-"""mallopt's parameter number for the arena cap (glibc's malloc.h)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -136,20 +117,3 @@ def derive_bounds(
         max_streams_per_connection=per_connection + 20,
         watermark_mib=budget_mib * 9 // 10,
     )
-
-
-def limit_heap_arenas() -> bool:
-    """Cap glibc's malloc arenas at :data:`HEAP_ARENAS` for the rest of the process's life.
-
-    Call it before grpc core starts its threads: arenas that exist stay, new threads
-    share them. Returns False where the C library has no such setting (musl, macOS).
-    """
-    # ctypes (0.2 MiB) only here: an embedding application keeps its allocator as it is.
-    import ctypes  # noqa: PLC0415
-
-    try:
-        mallopt = ctypes.CDLL(None).mallopt  # the process's own symbols: libc is there
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_ARENA_MAX, HEAP_ARENAS))

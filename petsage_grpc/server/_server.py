@@ -189,7 +189,7 @@ def _check_addresses(options: ServeOptions) -> None:
 
 async def _assemble(options: ServeOptions, board: StatusBoard) -> _Assembly:
     if options.bounds is not None:
-        from petsage_grpc.server._budget import limit_heap_arenas  # noqa: PLC0415
+        from petsage_grpc.server._guard import limit_heap_arenas  # noqa: PLC0415
 
         # Before any grpc server starts its threads (docs/reliability.md, rapid reset).
         limit_heap_arenas()

@@ -43,10 +43,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Final
 
+from petsage_grpc.server._guard import PAGE_SIZE, rss_bytes
+
 __all__ = ["ConnectionShedder"]
 
 _log = logging.getLogger("petsage_grpc.server")
-_PAGE: Final = os.sysconf("SC_PAGE_SIZE")
 _FDS: Final = "/proc/self/fd"
 # struct tcp_info (linux/tcp.h), up to tcpi_bytes_received (Linux 4.1+).
 _TCP_INFO_SIZE: Final = 136
@@ -72,11 +73,6 @@ class _Connection:
     bytes_acked: int = -1
     flooding: int = 0
     """Looks in a row at which it received like a flood."""
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm", "rb") as statm:
-        return int(statm.read().split()[1]) * _PAGE
 
 
 def _peer_host(address: Any) -> str:
@@ -125,7 +121,7 @@ class ConnectionShedder:
     def start(self, *, port: int) -> None:
         """Start watching the connections accepted on *port*, on a daemon thread."""
         self._port = port
-        self._memory_rising = min(self._memory_high, int(_rss_bytes() * self._rising_ratio))
+        self._memory_rising = min(self._memory_high, int(rss_bytes() * self._rising_ratio))
         self._thread = threading.Thread(target=self._run, name="petsage-shedder", daemon=True)
         self._thread.start()
 
@@ -168,21 +164,19 @@ class ConnectionShedder:
 
     def _tick(self, now: float, elapsed: float) -> str:
         """Look once; say how soon to look again (``quiet``, ``watching``, ``shedding``)."""
-        rss = int(os.pread(self._statm, 64, 0).split()[1]) * _PAGE
+        rss = int(os.pread(self._statm, 64, 0).split()[1]) * PAGE_SIZE
         high, rising = rss > self._memory_high, rss > self._memory_rising
         # A flood grpc core parses as fast as it comes need not grow memory: it takes CPU.
         cpu, self._cpu_seen = self._cpu_seen, time.process_time()
         busy = self._cpu_seen - cpu > _BUSY_CORES * elapsed
         watching = rising or busy
-        # Linux 6.2+ counts descriptors in the directory's size, without listing them.
-        if not watching and 0 < os.stat(_FDS).st_size <= self._max_per_address:
-            self._known.clear()
-            return "quiet"
-        names = os.listdir(_FDS)
-        if not watching and len(names) <= self._max_per_address:
-            self._known.clear()
-            return "quiet"
-        connections = self._connections(names, now)
+        if not watching:
+            # Linux 6.2+ counts descriptors in the directory's size, without listing them.
+            count = os.stat(_FDS).st_size or len(os.listdir(_FDS))
+            if count <= self._max_per_address:
+                self._known.clear()
+                return "quiet"
+        connections = self._connections(os.listdir(_FDS), now)
         shed = self._over_cap(connections)
         if watching:
             floods = self._floods(connections, elapsed, any_fast=high) - shed
