@@ -60,6 +60,18 @@ def server(spawn_server: SpawnServer) -> ServerProcess:
     return spawn_server()
 
 
+@pytest.fixture
+def shared_address_server(spawn_server: SpawnServer) -> ServerProcess:
+    """A server whose per-address connection cap leaves room for 200 idle connections.
+
+    Here the idle connections and the client that must still be answered share one
+    address (127.0.0.1); at the default cap (76) the server closes that address's newest
+    connections, the client's among them, by design (tests/test_attacks.py: a client
+    on another address, as the kubelet's is, is answered).
+    """
+    return spawn_server("--max-connections-per-address", "1000")
+
+
 # -- random bytes as requests ------------------------------------------------------------
 
 ALLOWED: Final[dict[str, frozenset[Code]]] = {
@@ -424,7 +436,10 @@ def idle_connections(port: int, count: int) -> Iterator[list[socket.socket]]:
         yield sockets
 
 
-def test_idle_and_half_open_connections_do_not_block_check(server: ServerProcess) -> None:
+def test_idle_and_half_open_connections_do_not_block_check(
+    shared_address_server: ServerProcess,
+) -> None:
+    server = shared_address_server
     with idle_connections(server.port, 200) as held:
         # The server is not stuck on them: it sends its SETTINGS to those that greeted it.
         for sock in held[1:30:3]:
@@ -482,7 +497,10 @@ def warm_up(server: ServerProcess) -> None:
     everything(server, scale=1)
 
 
-def test_memory_is_back_near_its_baseline_after_everything(server: ServerProcess) -> None:
+def test_memory_is_back_near_its_baseline_after_everything(
+    shared_address_server: ServerProcess,
+) -> None:
+    server = shared_address_server
     warm_up(server)
     baseline = rss_bytes(server.process.pid)
     everything(server, scale=3)
