@@ -39,6 +39,15 @@ Attacks:
   a whole TLS handshake over ``tls``), held.
 - ``idle-tls`` (``tls`` only): connections to the gRPC port that send half a TLS
   ClientHello, held.
+- ``probe-no-message``, ``probe-continuation``, ``probe-idle``: the probe port's own
+  (plaintext; petsage only): HEADERS for Check and never a message (100 streams per
+  connection, reconnecting); the CONTINUATION flood; connections that send half the
+  HTTP/2 preface, held, from 200 source addresses (127.0.0.10-209, 64 per
+  ``--connections``).
+
+``--memcg 128Mi`` runs each server inside a memory cgroup of that limit of its own
+(scripts/memcg.py, as root) and reports the kernel's verdict: OOM kills and the
+cgroup's peak charge.
 
 ``idle-http`` runs over ``plaintext`` only (the HTTP port has no TLS), ``idle-tls`` over
 ``tls`` only. Every loop is bounded in time; the network is loopback only. Prints one line
@@ -54,6 +63,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import json
 import logging
 import os
@@ -105,7 +115,14 @@ ATTACKS: Final = (
     "idle-http",
     "idle-grpc",
     "idle-tls",
+    "probe-no-message",
+    "probe-continuation",
+    "probe-idle",
 )
+PROBE_ATTACKS: Final = frozenset({"probe-no-message", "probe-continuation", "probe-idle"})
+PROBE_ATTACK_STREAMS: Final = 100
+PROBE_IDLE_ADDRESSES: Final = 200
+"""Source addresses of probe-idle: 127.0.0.10 to 127.0.0.209."""
 TRANSPORTS: Final = ("plaintext", "tls")
 STREAMS_PER_CONNECTION: Final = 1_000
 PROBE_SOURCE: Final = "127.0.0.2"
@@ -266,9 +283,15 @@ asyncio.run(main())
 
 
 def start_server(
-    target: str, scratch: Path, extra: list[str], *, certificate: Certificate | None = None
+    target: str,
+    scratch: Path,
+    extra: list[str],
+    *,
+    certificate: Certificate | None = None,
+    wrap: Callable[[list[str]], list[str]] | None = None,
 ) -> Server:
-    """Start *target* on free loopback ports; TLS on the main port with *certificate*."""
+    """Start *target* on free loopback ports; TLS on the main port with *certificate*;
+    *wrap* rewrites the command (a memory cgroup's ``wrap``)."""
     port, http_port, probe_port = free_port(), free_port(), free_port()
     log = scratch / f"{target}-{port}.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -284,6 +307,8 @@ def start_server(
         if certificate:
             argv += ["--tls-cert", pair[0], "--tls-key", pair[1]]
         http, probes = http_port, probe_port
+    if wrap is not None:
+        argv = wrap(argv)
     with log.open("wb") as out:
         process = subprocess.Popen(argv, stdout=out, stderr=out, stdin=subprocess.DEVNULL, env=env)
     server = Server(process, port, http, log, probe_port=probes, tls=certificate is not None)
@@ -528,13 +553,27 @@ ATTACK_FUNCTIONS: Final[dict[str, Attack]] = {
     "idle-grpc": idle_grpc,
     "idle-tls": idle_tls,
 }
-HELD: Final = {"idle-http": 64, "idle-grpc": 64, "idle-tls": 64}
+
+
+async def probe_no_message(writer: asyncio.StreamWriter, tally: Tally, index: int) -> None:
+    block = request_headers(CHECK)
+    out = [PREFACE, SETTINGS, SETTINGS_ACK]
+    out += [frame(HEADERS, END_HEADERS, 2 * n + 1, block) for n in range(PROBE_ATTACK_STREAMS)]
+    writer.write(b"".join(out))
+    await writer.drain()
+    await asyncio.Event().wait()
+
+
+ATTACK_FUNCTIONS["probe-no-message"] = probe_no_message
+ATTACK_FUNCTIONS["probe-continuation"] = continuation
+ATTACK_FUNCTIONS["probe-idle"] = idle_grpc
+HELD: Final = {"idle-http": 64, "idle-grpc": 64, "idle-tls": 64, "probe-idle": 64}
 """Idle attacks: connections per --connections (4 -> 256, 16 -> 1,024)."""
 
 
 def applies(attack: str, transport: str, target: str) -> bool:
     """Whether *attack* runs over *transport* against *target*."""
-    if attack == "idle-http":
+    if attack == "idle-http" or attack in PROBE_ATTACKS:
         return transport == "plaintext" and target == "petsage"
     return transport == "tls" if attack == "idle-tls" else True
 
@@ -547,16 +586,21 @@ async def attacker(
     stop: asyncio.Event,
     *,
     tls: ssl.SSLContext | None = None,
+    source: str | None = None,
 ) -> None:
-    """One attacking connection (over TLS with *tls*), reconnecting (at most 20 times a
-    second) when closed; a failed TLS handshake counts as refused."""
+    """One attacking connection (over TLS with *tls*, from address *source*), reconnecting
+    (at most 20 times a second) when closed; a failed TLS handshake counts as refused."""
     server_hostname = "localhost" if tls is not None else None
     while not stop.is_set():
         started = time.monotonic()
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(
-                    "127.0.0.1", port, ssl=tls, server_hostname=server_hostname
+                    "127.0.0.1",
+                    port,
+                    ssl=tls,
+                    server_hostname=server_hostname,
+                    local_addr=None if source is None else (source, 0),
                 ),
                 5,
             )
@@ -603,6 +647,10 @@ class Run:
     tally: dict[str, Any] = field(default_factory=dict)
     log_lines: int = 0
     log_bytes: int = 0
+    memcg_limit_mib: float | None = None
+    """The server's memory cgroup limit (None: not run in one)."""
+    oom_kills: int | None = None
+    memcg_peak_mib: float | None = None
 
 
 async def run_attack(server: Server, run: Run, *, after: float) -> None:
@@ -610,13 +658,25 @@ async def run_attack(server: Server, run: Run, *, after: float) -> None:
     stop = asyncio.Event()
     tally = Tally()
     port = server.http_port if name == "idle-http" else server.port
+    if name in PROBE_ATTACKS:
+        port = server.probe_port
     if port is None:
         raise ValueError(f"{name} needs an HTTP port")
     count = connections * HELD.get(name, 1)
     # idle-tls speaks raw TCP (its half ClientHello is the attack); the HTTP port is plaintext.
     tls = client_tls() if server.tls and name not in {"idle-tls", "idle-http"} else None
     tasks = [
-        asyncio.create_task(attacker(port, ATTACK_FUNCTIONS[name], tally, i, stop, tls=tls))
+        asyncio.create_task(
+            attacker(
+                port,
+                ATTACK_FUNCTIONS[name],
+                tally,
+                i,
+                stop,
+                tls=tls,
+                source=f"127.0.0.{10 + i % PROBE_IDLE_ADDRESSES}" if name == "probe-idle" else None,
+            )
+        )
         for i in range(count)
     ]
     main_prober = await start_prober(server.port, seconds, tls=server.tls)
@@ -659,7 +719,7 @@ def transports(text: str) -> list[str]:
     return chosen
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 - the harness's one entry
     # The attacker writes on after the server has shut a TLS connection down; asyncio
     # warns once per write, which says nothing about the server.
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
@@ -686,6 +746,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path)
     parser.add_argument(
         "--server-arg", action="append", default=[], help="extra petsage serve argument"
+    )
+    parser.add_argument(
+        "--memcg",
+        metavar="LIMIT",
+        help="run each server in a memory cgroup of this limit (e.g. 128Mi; as root)",
     )
     parser.add_argument("--probe", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--probe-tls", action="store_true", help=argparse.SUPPRESS)
@@ -719,13 +784,23 @@ def main(argv: list[str] | None = None) -> int:
         if shutil.which("openssl") is None:
             parser.error("--transport tls needs the openssl command to make a certificate")
         certificate = make_certificate(scratch)
+    memcg = load_memcg() if args.memcg else None
+    if memcg is not None and memcg.unavailable_reason() is not None:
+        parser.error(f"--memcg: {memcg.unavailable_reason()}")
     runs: list[Run] = []
     for name, connections, transport, target in plan:
+        cgroup = contextlib.ExitStack()
+        wrap = None
+        if memcg is not None:
+            limit = memcg.parse_size(args.memcg)
+            group = cgroup.enter_context(memcg.memory_cgroup(limit, prefix="petsage-attack"))
+            wrap = group.wrap
         server = start_server(
             target,
             scratch,
             args.server_arg,
             certificate=certificate if transport == "tls" else None,
+            wrap=wrap,
         )
         run = Run(
             target=target,
@@ -743,11 +818,27 @@ def main(argv: list[str] | None = None) -> int:
             run.exit_code = stop_server(server)
             text = server.log.read_bytes()
             run.log_bytes, run.log_lines = len(text), text.count(b"\n")
+            if memcg is not None:
+                run.memcg_limit_mib = limit / 2**20
+                run.oom_kills = group.oom_kills()
+                run.memcg_peak_mib = group.peak_bytes() / 2**20
+            cgroup.close()
         runs.append(run)
         print(summary(run), flush=True)
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in runs], indent=1))
     return 0 if all(r.alive for r in runs) else 1
+
+
+def load_memcg() -> Any:
+    """scripts/memcg.py, loaded beside this file."""
+    spec = importlib.util.spec_from_file_location("memcg", ROOT / "scripts" / "memcg.py")
+    if spec is None or spec.loader is None:
+        raise RuntimeError("scripts/memcg.py is missing")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["memcg"] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def share(ok: int | None, failed: int | None) -> str:
@@ -801,6 +892,11 @@ def summary(run: Run) -> str:
         f"probe port {probe_port} after {run.probes_ok_after}/3 "
         f"closed {run.tally['closed_by_server']} goaway {run.tally['goaways']} "
         f"log {run.log_lines} lines exit {run.exit_code}"
+        + (
+            f" memcg oom_kills {run.oom_kills} peak {run.memcg_peak_mib:.1f} MiB"
+            if run.memcg_peak_mib is not None
+            else ""
+        )
     )
 
 
