@@ -24,13 +24,25 @@ import grpc
 import pytest
 from conftest import ROOT, ServerProcess
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from hardening import STEP_TIMEOUT, check_request, wait_until
+from hardening import (
+    STEP_TIMEOUT,
+    call,
+    check_request,
+    check_status,
+    plaintext,
+    run_cli,
+    wait_until,
+)
 from tcp_listener import free_port
+from test_interop_node import SKIP_REASON as NODE_SKIP_REASON
+from test_interop_node import check as node_check
+from test_interop_node import run_client as run_node_client
 
 from petsage_grpc import ServingStatus
 
 SpawnServer = Callable[..., ServerProcess]
 BUSY = "/petsage.bench.v1.Busy"
+CHECK = "/grpc.health.v1.Health/Check"
 
 
 @dataclass
@@ -255,3 +267,103 @@ def test_standalone_probe_port_drains_with_the_main_port_and_stops_last(
     # The servers stopped first, then the probe listener, then the process.
     assert log.index("draining") < log.index("servers stopped; stopping the probe listener")
     assert log.index("servers stopped; stopping the probe listener") < log.index("stopped\n")
+
+
+# -- real clients on the probe port ---------------------------------------------------
+
+
+@pytest.fixture
+def probe_server(spawn_server: SpawnServer) -> tuple[ServerProcess, int]:
+    probe_port = free_port()
+    server = spawn_server("--probe-port", str(probe_port))
+    wait_until(lambda: "serving health probes" in server.log(), "the probe port to be logged")
+    return server, probe_port
+
+
+def test_grpcio_clients_check_and_watch_on_the_probe_port(
+    probe_server: tuple[ServerProcess, int],
+) -> None:
+    _, port = probe_server
+    with plaintext(f"127.0.0.1:{port}") as channel:
+        for name in ("", "liveness", "readiness", "startup"):
+            assert check_status(channel, name) is ServingStatus.SERVING
+        unknown = call(channel, CHECK, check_request("petsage.v1.NoSuchService"))
+        assert unknown.code is grpc.StatusCode.NOT_FOUND
+        assert unknown.details == "unknown service"
+        too_long = call(channel, CHECK, check_request("x" * 257))
+        assert too_long.code is grpc.StatusCode.INVALID_ARGUMENT
+        assert call(channel, CHECK, b"\xff\xff").code is grpc.StatusCode.INVALID_ARGUMENT
+        # A gzip-compressed request (grpc_health_probe -gzip) is read as any other.
+        stub = health_pb2_grpc.HealthStub(channel)
+        answer = stub.Check(
+            health_pb2.HealthCheckRequest(service="readiness"),
+            compression=grpc.Compression.Gzip,
+            timeout=STEP_TIMEOUT,
+        )
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        # As many calls at once as the port's streams per connection.
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(lambda _: check_status(channel, "readiness"), range(64)))
+        assert answers == [ServingStatus.SERVING] * 64
+        watch = stub.Watch(health_pb2.HealthCheckRequest(service="readiness"), timeout=60)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
+
+
+def test_watch_streams_beyond_the_cap_are_refused(
+    probe_server: tuple[ServerProcess, int],
+) -> None:
+    _, port = probe_server
+    with plaintext(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        open_streams = []
+        for _ in range(8):  # ProbeListener's default max_watch_streams
+            watch = stub.Watch(health_pb2.HealthCheckRequest(service="liveness"), timeout=60)
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            open_streams.append(watch)
+        with plaintext(f"127.0.0.1:{port}") as other:
+            extra = health_pb2_grpc.HealthStub(other).Watch(
+                health_pb2.HealthCheckRequest(service="liveness"), timeout=60
+            )
+            with pytest.raises(grpc.RpcError) as refused:
+                next(extra)
+            assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+            # Check is still answered beside them.
+            assert check_status(other, "liveness") is ServingStatus.SERVING
+        for watch in open_streams:
+            watch.cancel()
+    # The places come back once the streams end.
+    with plaintext(f"127.0.0.1:{port}") as channel:
+
+        def watch_opens() -> bool:
+            stream = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(service="liveness"), timeout=10
+            )
+            try:
+                return next(stream).status == health_pb2.HealthCheckResponse.SERVING
+            except grpc.RpcError:
+                return False
+            finally:
+                stream.cancel()
+
+        wait_until(watch_opens, "a Watch place to come back")
+
+
+def test_petsage_probe_and_grpc_js_on_the_probe_port(
+    probe_server: tuple[ServerProcess, int],
+) -> None:
+    _, port = probe_server
+    served = run_cli("probe", f"-addr=127.0.0.1:{port}", "-service=readiness")
+    assert (served.code, served.stderr.strip()) == (0, "status: SERVING"), served
+    gzip = run_cli("probe", f"-addr=127.0.0.1:{port}", "-service=liveness", "-gzip")
+    assert gzip.code == 0, gzip
+    unknown = run_cli("probe", f"-addr=127.0.0.1:{port}", "-service=petsage.v1.Nothing")
+    assert unknown.code == 3, unknown  # grpc_health_probe: the RPC failed (NOT_FOUND)
+    assert "NotFound" in unknown.stderr + unknown.stdout, unknown
+    if NODE_SKIP_REASON is not None:
+        pytest.skip(NODE_SKIP_REASON)
+    address = f"127.0.0.1:{port}"
+    assert node_check(address, "readiness") == {"code": 0, "status": "SERVING", "details": ""}
+    assert node_check(address, "petsage.v1.NoSuchService")["code"] == 5
+    (summary,) = run_node_client("kubelet", address, "liveness", "20", timeout=60)
+    assert (summary["ok"], summary["failed"], summary["connections"]) == (20, 0, 20), summary

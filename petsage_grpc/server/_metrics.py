@@ -34,8 +34,10 @@ class _StateCollector(Collector):
         *,
         with_checks: bool,
         closed_connections: Callable[[], Mapping[str, int]] | None = None,
+        probe_refusals: Callable[[], Mapping[str, int]] | None = None,
     ) -> None:
         self._closed_connections = closed_connections
+        self._probe_refusals = probe_refusals
         self._board = board
         self._monitor = monitor
         self._heartbeat = heartbeat
@@ -75,6 +77,16 @@ class _StateCollector(Collector):
             for reason, count in sorted(self._closed_connections().items()):
                 closed.add_metric([reason], count)
             yield closed
+        if self._probe_refusals is not None:
+            refused = CounterMetricFamily(
+                "petsage_grpc_probe_port_refused",
+                "Connections and calls the probe port refused or closed, by reason "
+                "(ProbeListener.refusals: caps, deadline, header list, streams, Watch cap, ...).",
+                labels=["reason"],
+            )
+            for reason, count in sorted(self._probe_refusals().items()):
+                refused.add_metric([reason], count)
+            yield refused
         if self._monitor is None or not self._with_checks:
             return
         duration = GaugeMetricFamily(
@@ -211,6 +223,7 @@ class Metrics:
         *,
         heartbeat: LoopHeartbeat | None = None,
         closed_connections: Callable[[], Mapping[str, int]] | None = None,
+        probe_refusals: Callable[[], Mapping[str, int]] | None = None,
     ) -> None:
         self.registry = CollectorRegistry()
         """Everything, check names included."""
@@ -223,6 +236,7 @@ class Metrics:
                     heartbeat,
                     with_checks=with_checks,
                     closed_connections=closed_connections,
+                    probe_refusals=probe_refusals,
                 )
             )
         self.interceptor: grpc.aio.ServerInterceptor = _RpcCounter(self.registry, self._public)

@@ -249,6 +249,7 @@ async def _assemble(options: ServeOptions, board: StatusBoard) -> _Assembly:
             monitor,
             heartbeat=heartbeat,
             closed_connections=None if shedder is None else shedder.counts,
+            probe_refusals=None if probe is None else probe.refusals,
         )
         http = HttpFace(
             board,

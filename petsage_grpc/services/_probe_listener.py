@@ -52,7 +52,7 @@ _log = logging.getLogger("petsage_grpc.server")
 _ANSWER_SECONDS: Final = 2.0
 """From accept to the first answer, from a call's HEADERS to its whole request, and the
 idle time of a connection without calls: twice the kubelet's default timeout."""
-_STREAMS: Final = 4
+_STREAMS: Final = 16
 """SETTINGS_MAX_CONCURRENT_STREAMS: a stream beyond it is refused (REFUSED_STREAM)."""
 _CALLS_PER_CONNECTION: Final = 100
 """Calls on one connection in all; then GOAWAY, and the client reconnects."""
@@ -751,7 +751,7 @@ class ProbeListener:
     Other Health methods (List), SmokeTest and reflection are not served here
     (UNIMPLEMENTED). It is strict, for probes: a connection must send its first whole
     call within 2 s of being accepted (and each later one within 2 s of its HEADERS),
-    and is closed after 2 s without calls; at most 4 calls at once and 100 in all per
+    and is closed after 2 s without calls; at most 16 calls at once and 100 in all per
     connection, header blocks of 8 KiB, requests of 1 KiB. At *max_connections* in all
     or *max_connections_per_address* from one address, a new connection closes the
     oldest one (of those) that holds no Watch stream. At most *max_watch_streams* Watch
@@ -835,7 +835,7 @@ class ProbeListener:
 
         Reasons: ``connection_cap``, ``address_cap`` (a connection closed at a cap),
         ``deadline`` (no whole call in time), ``header_list``, ``request_size``,
-        ``streams`` (a stream beyond 4 at once or 100 in all), ``watch_cap``,
+        ``streams`` (a stream beyond 16 at once or 100 in all), ``watch_cap``,
         ``slow_reader`` (answers not read), ``control_frames`` (PING/SETTINGS flood),
         ``protocol`` (not HTTP/2 as a client speaks it). Safe from any thread.
         """
