@@ -340,7 +340,7 @@ def test_watch_streams_beyond_the_cap_are_refused(
                 health_pb2.HealthCheckRequest(service="liveness"), timeout=10
             )
             try:
-                return next(stream).status == health_pb2.HealthCheckResponse.SERVING
+                return bool(next(stream).status == health_pb2.HealthCheckResponse.SERVING)
             except grpc.RpcError:
                 return False
             finally:

@@ -670,21 +670,34 @@ class _Server:
         self._warning_timer: asyncio.TimerHandle | None = None
 
     def admit(self, connection: _Connection) -> bool:
-        """Make room for *connection* (closing the oldest without a Watch stream at a cap)."""
+        """Make room for *connection*, or refuse it (False).
+
+        At the per-address cap, the address's oldest connection without a Watch stream
+        is closed; at the cap in all, the oldest such connection of the address that
+        holds the most: a flood from many addresses closes its own connections first,
+        and a probe's new connection is the last one in line.
+        """
         same = self._by_address.get(connection.address, {})
-        for members, cap, reason in (
-            (same, self._max_per_address, "address_cap"),
-            (self.connections, self._max_connections, "connection_cap"),
-        ):
-            if len(members) >= cap:
-                victim = next((c for c in members if not c.holds_watch), None)
-                if victim is None:
-                    self.count(reason)
-                    return False
-                victim.refuse(reason)
-                self.forget(victim)
+        if len(same) >= self._max_per_address and not self._evict(same, "address_cap"):
+            return False
+        if len(self.connections) >= self._max_connections:
+            heaviest = sorted(self._by_address.values(), key=len, reverse=True)
+            if not any(self._evict(members, "connection_cap") for members in heaviest):
+                self.count("connection_cap")
+                return False
         self.connections[connection] = None
         self._by_address.setdefault(connection.address, {})[connection] = None
+        return True
+
+    def _evict(self, members: dict[_Connection, None], reason: str) -> bool:
+        """Close the oldest of *members* that holds no Watch stream; False if none does."""
+        victim = next((c for c in members if not c.holds_watch), None)
+        if victim is None:
+            if reason == "address_cap":
+                self.count(reason)
+            return False
+        victim.refuse(reason)
+        self.forget(victim)
         return True
 
     def forget(self, connection: _Connection) -> None:
@@ -715,6 +728,12 @@ class _Server:
         elif self._warning_timer is None:
             loop = asyncio.get_running_loop()
             self._warning_timer = loop.call_at(loop.time() + self._next_warning - now, self._warn)
+
+    def flush_warning(self) -> None:
+        """Warn about refusals not yet warned about (the listener stops)."""
+        if self._warning_timer is not None:
+            self._warning_timer.cancel()
+        self._warn()
 
     def _warn(self) -> None:
         self._warning_timer = None
@@ -901,6 +920,7 @@ class ProbeListener:
         started.set_result(None)
         await self._stopping.wait()
         listening.close()
+        server.flush_warning()
         for connection in list(server.connections):
             connection.end_watches()
         grace = self._grace or 0.0
