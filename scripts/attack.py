@@ -793,7 +793,9 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 - the harness's
         wrap = None
         if memcg is not None:
             limit = memcg.parse_size(args.memcg)
-            group = cgroup.enter_context(memcg.memory_cgroup(limit, prefix="petsage-attack"))
+            group = cgroup.enter_context(
+                memcg.memory_cgroup(limit, prefix=f"petsage-attack-{os.getpid()}")
+            )
             wrap = group.wrap
         server = start_server(
             target,

@@ -62,7 +62,7 @@ _MESSAGE_BYTES: Final = 1024
 _STREAM_WINDOW: Final = 2048
 """SETTINGS_INITIAL_WINDOW_SIZE: a request (at most 1 KiB) fits; no stream gets more."""
 _MAX_FRAME: Final = 16_384
-_WRITE_BUFFER_BYTES: Final = 65_536
+_WRITE_BUFFER_BYTES: Final = 16_384
 """A connection whose unsent answers pass this (a peer that does not read) is closed."""
 _CONTROL_BURST: Final = 32
 _CONTROL_PER_SECOND: Final = 4.0
@@ -331,7 +331,8 @@ class _Connection(asyncio.Protocol):
             payload = bytes(view[offset + 9 : offset + 9 + length])
             offset += 9 + length
             self._on_frame(kind, flags, stream, payload)
-        del self._buffer[:offset]
+        # A new, right-sized buffer: one that took a large read would keep its size.
+        self._buffer = self._buffer[offset:]
 
     def _on_frame(self, kind: int, flags: int, stream: int, payload: bytes) -> None:  # noqa: PLR0912 - one branch per frame type
         if self._block_stream and kind != _CONTINUATION:
