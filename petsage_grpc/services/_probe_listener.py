@@ -68,6 +68,7 @@ _CONTROL_BURST: Final = 32
 _CONTROL_PER_SECOND: Final = 4.0
 """PING and SETTINGS frames a connection may send: a burst, then this many a second."""
 _WARNING_PERIOD: Final = 60.0
+_ACCEPT_QUEUE: Final = 1024
 _PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _CHECK_PATH: Final = f"/{HEALTH_SERVICE}/Check"
 _WATCH_PATH: Final = f"/{HEALTH_SERVICE}/Watch"
@@ -682,8 +683,13 @@ class _Server:
         if len(same) >= self._max_per_address and not self._evict(same, "address_cap"):
             return False
         if len(self.connections) >= self._max_connections:
-            heaviest = sorted(self._by_address.values(), key=len, reverse=True)
-            if not any(self._evict(members, "connection_cap") for members in heaviest):
+            # One pass finds the heaviest address; a sort only if its connections all
+            # hold Watch streams (rare: those are 8 at most).
+            heaviest = max(self._by_address.values(), key=len)
+            if not self._evict(heaviest, "connection_cap") and not any(
+                self._evict(members, "connection_cap")
+                for members in sorted(self._by_address.values(), key=len, reverse=True)
+            ):
                 self.count("connection_cap")
                 return False
         self.connections[connection] = None
@@ -911,7 +917,9 @@ class ProbeListener:
         if server is None:
             raise RuntimeError("the probe listener was not prepared")
         try:
-            listening = await loop.create_server(lambda: _Connection(server), sock=sock)
+            listening = await loop.create_server(
+                lambda: _Connection(server), sock=sock, backlog=_ACCEPT_QUEUE
+            )
         except OSError as error:
             sock.close()
             started.set_exception(error)
@@ -993,7 +1001,9 @@ def _listening_socket(host: str, port: int) -> socket.socket:
                 sock.close()
                 return _listening_socket("0.0.0.0", port)  # noqa: S104
             raise
-        sock.listen(128)
+        # A deep accept queue: under a connection flood a probe's SYN waits its turn
+        # (each accept takes microseconds) rather than being dropped and resent 1 s later.
+        sock.listen(_ACCEPT_QUEUE)
         sock.setblocking(False)
     except BaseException:
         sock.close()
