@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import IO
 
 import grpc
+import hpack
 import pytest
 from conftest import ROOT, ServerProcess
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -367,3 +369,58 @@ def test_petsage_probe_and_grpc_js_on_the_probe_port(
     assert node_check(address, "petsage.v1.NoSuchService")["code"] == 5
     (summary,) = run_node_client("kubelet", address, "liveness", "20", timeout=60)
     assert (summary["ok"], summary["failed"], summary["connections"]) == (20, 0, 20), summary
+
+
+def _frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+    return (
+        len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+    )
+
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _frame(0x4, 0, 0)
+MALFORMED = {
+    "not HTTP/2": b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    "a frame over 16 KiB": PREFACE + (1 << 20).to_bytes(3, "big") + b"\x00\x00\x00\x00\x00\x01",
+    "PUSH_PROMISE": PREFACE + _frame(0x5, 0x4, 1, b"\x00\x00\x00\x02"),
+    "HPACK garbage": PREFACE + _frame(0x1, 0x5, 1, b"\xff\xff\xff\xff\xff"),
+    "SETTINGS of 5 bytes": PREFACE + _frame(0x4, 0, 0, b"\x00" * 5),
+    "DATA on stream 0": PREFACE + _frame(0x0, 0, 0, b"x"),
+    "an even stream": PREFACE + _frame(0x1, 0x5, 2, b"\x83"),
+    "CONTINUATION alone": PREFACE + _frame(0x9, 0x4, 1, b"\x83"),
+    "a window overflow": PREFACE + _frame(0x8, 0, 0, b"\x7f\xff\xff\xff"),
+}
+
+
+def _closed_by_server(port: int, data: bytes) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=STEP_TIMEOUT) as sock:
+        sock.sendall(data)
+        while sock.recv(65536):
+            pass
+    return True
+
+
+def test_malformed_http2_closes_the_connection_without_a_traceback(
+    probe_server: tuple[ServerProcess, int],
+) -> None:
+    server, port = probe_server
+    for name, data in MALFORMED.items():
+        assert _closed_by_server(port, data), name
+    # A client that never opens its window (SETTINGS_INITIAL_WINDOW_SIZE 0) gets no
+    # answer, and its connection goes at the deadline rather than being held.
+    zero_window = PREFACE[:-9] + _frame(0x4, 0, 0, b"\x00\x04\x00\x00\x00\x00")
+    block = hpack.Encoder().encode(
+        [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", CHECK),
+            (":authority", "x"),
+            ("content-type", "application/grpc"),
+        ]
+    )
+    body = b"\x00\x00\x00\x00\x0b\x0a\x09readiness"
+    held = zero_window + _frame(0x1, 0x4, 1, block) + _frame(0x0, 0x1, 1, body)
+    assert _closed_by_server(port, held)
+    with plaintext(f"127.0.0.1:{port}") as channel:
+        assert check_status(channel, "readiness") is ServingStatus.SERVING
+    wait_until(lambda: "refused or closed" in server.log(), "the refusals to be warned about")
+    assert "Traceback" not in server.log(), server.log()

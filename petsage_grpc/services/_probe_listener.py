@@ -224,6 +224,9 @@ class _Connection(asyncio.Protocol):
         except hpack.HPACKError:
             self.refuse("protocol", _COMPRESSION_ERROR)
             return
+        except Exception:  # noqa: BLE001 - whatever a client sent, no traceback: counted
+            self.refuse("internal", _PROTOCOL_ERROR)
+            return
         if not self._closing:
             self._check_write_buffer()
             self._arm()
@@ -863,7 +866,8 @@ class ProbeListener:
         ``deadline`` (no whole call in time), ``header_list``, ``request_size``,
         ``streams`` (a stream beyond 16 at once or 100 in all), ``watch_cap``,
         ``slow_reader`` (answers not read), ``control_frames`` (PING/SETTINGS flood),
-        ``protocol`` (not HTTP/2 as a client speaks it). Safe from any thread.
+        ``protocol`` (not HTTP/2 as a client speaks it), ``internal`` (a request this
+        server failed on: a bug, closed without a traceback). Safe from any thread.
         """
         server = self._server
         if server is None:
