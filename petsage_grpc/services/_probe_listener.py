@@ -69,6 +69,7 @@ _CONTROL_PER_SECOND: Final = 4.0
 """PING and SETTINGS frames a connection may send: a burst, then this many a second."""
 _WARNING_PERIOD: Final = 60.0
 _ACCEPT_QUEUE: Final = 1024
+_ACCEPT_BATCH: Final = 32
 _PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _CHECK_PATH: Final = f"/{HEALTH_SERVICE}/Check"
 _WATCH_PATH: Final = f"/{HEALTH_SERVICE}/Watch"
@@ -193,6 +194,8 @@ class _Connection(asyncio.Protocol):
         self._control_at = self._accepted
         self._timer: asyncio.TimerHandle | None = None
         self._closing = False
+        self._out: list[bytes] | None = None
+        """Frames to write, while a read is handled (sent together after it)."""
 
     @property
     def holds_watch(self) -> bool:
@@ -216,17 +219,20 @@ class _Connection(asyncio.Protocol):
         if self._closing:
             return
         self._buffer += data
+        # What this read makes the connection write leaves in one send: each socket
+        # call gives up the GIL, and a busy application then makes this thread wait
+        # for it once per call (docs/design.md).
+        self._out = []
         try:
             self._read_frames()
         except _RefusalError as refusal:
             self.refuse(refusal.reason, refusal.code)
-            return
         except hpack.HPACKError:
             self.refuse("protocol", _COMPRESSION_ERROR)
-            return
         except Exception:  # noqa: BLE001 - whatever a client sent, no traceback: counted
             self.refuse("internal", _PROTOCOL_ERROR)
-            return
+        finally:
+            self._flush_out()
         if not self._closing:
             self._check_write_buffer()
             self._arm()
@@ -255,6 +261,7 @@ class _Connection(asyncio.Protocol):
         """GOAWAY, then close once what is written has left (abort if it cannot)."""
         if self._closing or self._transport is None:
             return
+        self._flush_out()
         self._closing = True
         self._transport.write(_frame(_GOAWAY, 0, 0, struct.pack(">II", self._last_stream, code)))
         if self._transport.get_write_buffer_size() > _WRITE_BUFFER_BYTES:
@@ -629,8 +636,17 @@ class _Connection(asyncio.Protocol):
             self._arm()
 
     def _write(self, data: bytes) -> None:
-        if self._transport is not None and not self._closing:
+        if self._transport is None or self._closing:
+            return
+        if self._out is not None:
+            self._out.append(data)
+        else:
             self._transport.write(data)
+
+    def _flush_out(self) -> None:
+        out, self._out = self._out, None
+        if out and self._transport is not None and not self._transport.is_closing():
+            self._transport.write(b"".join(out))
 
     def end_watches(self) -> None:
         """End every Watch stream with OK (the listener stops)."""
@@ -678,14 +694,18 @@ class _Server:
         """Make room for *connection*, or refuse it (False).
 
         At the per-address cap, the address's oldest connection without a Watch stream
-        is closed; at the cap in all, the oldest such connection of the address that
-        holds the most: a flood from many addresses closes its own connections first,
-        and a probe's new connection is the last one in line.
+        is closed. At the cap in all, a connection from an address that has others open
+        is refused (at once: the cheapest answer to a flood that reconnects), and one
+        from an address without any (the kubelet's, during a flood) closes the oldest
+        such connection of the address that holds the most.
         """
         same = self._by_address.get(connection.address, {})
         if len(same) >= self._max_per_address and not self._evict(same, "address_cap"):
             return False
         if len(self.connections) >= self._max_connections:
+            if same:
+                self.count("connection_cap")
+                return False
             # One pass finds the heaviest address; a sort only if its connections all
             # hold Watch streams (rare: those are 8 at most).
             heaviest = max(self._by_address.values(), key=len)
@@ -921,9 +941,13 @@ class ProbeListener:
         if server is None:
             raise RuntimeError("the probe listener was not prepared")
         try:
+            # asyncio accepts up to *backlog* connections per wake and listens with it:
+            # a small batch, so that a probe is not handled behind a thousand new
+            # connections, then the deep kernel queue again (Linux re-reads it).
             listening = await loop.create_server(
-                lambda: _Connection(server), sock=sock, backlog=_ACCEPT_QUEUE
+                lambda: _Connection(server), sock=sock, backlog=_ACCEPT_BATCH
             )
+            sock.listen(_ACCEPT_QUEUE)
         except OSError as error:
             sock.close()
             started.set_exception(error)
