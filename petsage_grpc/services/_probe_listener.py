@@ -14,8 +14,8 @@ finish its preface and its first call within ``_ANSWER_SECONDS`` of being accept
 each later call within as long of its HEADERS; a connection without an open call is
 closed as soon; at most ``_STREAMS`` calls at once and ``_CALLS_PER_CONNECTION`` in all
 per connection; header blocks of at most ``_HEADER_LIST_BYTES``; requests of at most
-``_MESSAGE_BYTES``; connections capped in all and per address (a new connection closes
-the oldest one that holds no Watch stream). Why this design and what it costs:
+``_MESSAGE_BYTES``; connections capped in all and per address (see ``_Server.admit``).
+Why this design and what it costs:
 docs/design.md, "The probe listener and the loop heartbeat".
 """
 
@@ -801,9 +801,12 @@ class ProbeListener:
     (UNIMPLEMENTED). It is strict, for probes: a connection must send its first whole
     call within 2 s of being accepted (and each later one within 2 s of its HEADERS),
     and is closed after 2 s without calls; at most 16 calls at once and 100 in all per
-    connection, header blocks of 8 KiB, requests of 1 KiB. At *max_connections* in all
-    or *max_connections_per_address* from one address, a new connection closes the
-    oldest one (of those) that holds no Watch stream. At most *max_watch_streams* Watch
+    connection, header blocks of 8 KiB, requests of 1 KiB. At
+    *max_connections_per_address* from one address, a new connection closes that
+    address's oldest one without a Watch stream; at *max_connections* in all, a new
+    connection from an address that has others open is refused, and one from an
+    address without any (a probe during a flood) closes the oldest connection without
+    a Watch stream of the address holding the most. At most *max_watch_streams* Watch
     streams are open; one more is refused with RESOURCE_EXHAUSTED. Each refusal is
     counted (:meth:`refusals`) and warned about, at most once a minute.
     """
