@@ -29,6 +29,8 @@ _EXTRA_FIELDS: Final = (
     "port",
     "kind",
     "count",
+    "budget_mib",
+    "source",
 )
 
 
