@@ -15,9 +15,8 @@ import re
 import resource
 import socket
 import sys
-import tempfile
 from dataclasses import dataclass
-from typing import IO, Final
+from typing import IO, BinaryIO, Final
 
 __all__ = ["NativeStderr", "Platform", "platform", "tune_process"]
 
@@ -95,6 +94,23 @@ def tune_process(*, arenas: bool = True) -> list[str]:
     return done
 
 
+def _scratch_file() -> int:
+    """An anonymous file (memfd on Linux, else an unlinked one in TMPDIR), or -1.
+
+    Not ``tempfile``: it loads ``random``, which a default server does not otherwise need.
+    """
+    if hasattr(os, "memfd_create"):
+        with contextlib.suppress(OSError):
+            return os.memfd_create("petsage-grpc-stderr", 0)
+    path = os.path.join(os.environ.get("TMPDIR") or "/tmp", f".petsage-grpc-{os.getpid()}")  # noqa: S108
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError:
+        return -1  # a read-only file system, say
+    os.unlink(path)
+    return fd
+
+
 class NativeStderr:
     """grpc core's own lines: kept during start-up, re-logged in the server's format, then off.
 
@@ -110,7 +126,7 @@ class NativeStderr:
     def __init__(self, *, keep_after_start: bool) -> None:
         self._keep = keep_after_start
         self._saved = -1
-        self._file: IO[bytes] | None = None
+        self._file: BinaryIO | None = None
         self._old: IO[str] | None = None
         self._new: IO[str] | None = None
 
@@ -118,7 +134,10 @@ class NativeStderr:
         """Send descriptor 2 to a temporary file; Python's stderr keeps the real one."""
         try:
             sys.stderr.flush()
-            self._file = tempfile.TemporaryFile()  # noqa: SIM115 - closed by _relog()
+            scratch = _scratch_file()
+            if scratch < 0:
+                return  # nowhere to keep them: grpc core's start-up lines go to stderr as they are
+            self._file = open(scratch, "w+b")  # noqa: SIM115 - closed by _relog()
             self._saved = os.dup(2)
             self._new = open(  # noqa: SIM115 - closed by restore()
                 self._saved,

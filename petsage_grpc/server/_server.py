@@ -368,6 +368,11 @@ def _log_start_up(bounds: Bounds, process: list[str], found: Platform) -> None:
         bounds.watermark_mib,
         extra={"event": "budget", "budget_mib": budget.mib, "source": budget.source},
     )
+    _log.debug(
+        "grpc options: %s",
+        ", ".join(f"{name}={value}" for name, value in server_options(bounds)),
+        extra={"event": "grpc_options"},
+    )
     if process:
         _log.info("process set-up: %s", ", ".join(process), extra={"event": "process"})
     gaps = found.missing()
@@ -468,9 +473,6 @@ async def _run(
         await _start(parts, options, stack)
         # Started: what grpc core said while binding is logged, its later lines are off.
         start_up.native.release()
-        _log_start_up(start_up.bounds, start_up.process, start_up.found)
-        if not options.shed_connections:
-            _log.info("connection shedder off, as configured", extra={"event": "shedder_off"})
         bound = format_address(options.host, parts.port)
         _log.info(
             "serving on %s%s",
@@ -484,6 +486,9 @@ async def _run(
                 parts.probe.port,
                 extra={"event": "probe_port", "port": parts.probe.port},
             )
+        _log_start_up(start_up.bounds, start_up.process, start_up.found)
+        if not options.shed_connections:
+            _log.info("connection shedder off, as configured", extra={"event": "shedder_off"})
         if on_listening is not None:
             on_listening(parts.port)
         if options.config_path is not None:
