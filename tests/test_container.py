@@ -432,3 +432,61 @@ def test_grpc_core_start_up_lines_are_logged_in_the_format_and_later_ones_are_no
     assert any(m.startswith("grpc core: Failed to add port to server") for m in messages), entries
     assert all(".cc:" not in m for m in messages)  # absl's prefix (file:line) is left out
     assert "a line written after start-up" not in done.stderr
+
+
+# -- memory given back off the loop -----------------------------------------------------------
+
+_PEAK_THEN_TRIM: Final = textwrap.dedent(
+    """
+    import asyncio, json, threading
+    from petsage_grpc.server import _guard
+    from petsage_grpc.server._guard import MemoryGuard, rss_bytes
+
+    trims = []
+    real = _guard._malloc_trim()
+
+    def recording():
+        trims.append((threading.current_thread().name, rss_bytes() >> 20))
+        return real()
+
+    _guard._malloc_trim = lambda: recording  # the real trim, and where it ran
+
+    async def main():
+        guard = MemoryGuard(budget_mib=4096, watermark_mib=4000, release_mib=3000)
+        guard.start()
+        await asyncio.sleep(1.5)
+        # 200 MiB from malloc (2 KiB objects), one in 64 kept: glibc keeps the rest.
+        blocks = [bytes(2048) for _ in range(100_000)]
+        kept = blocks[::64]
+        del blocks
+        peak = rss_bytes() >> 20
+        for _ in range(100):
+            await asyncio.sleep(0.1)
+            if trims and rss_bytes() >> 20 < peak // 2:
+                break
+        await guard.stop()
+        print(json.dumps({"peak": peak, "after": rss_bytes() >> 20, "trims": trims,
+                          "loop": threading.current_thread().name, "kept": len(kept)}))
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_memory_is_given_back_on_a_thread_once_the_peak_has_passed() -> None:
+    if not Path("/proc/self/statm").exists():
+        pytest.skip("needs /proc")
+    done = subprocess.run(
+        [sys.executable, "-c", _PEAK_THEN_TRIM],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["trims"], report
+    assert {name for name, _ in report["trims"]} == {"petsage-trim"}  # never the loop's
+    assert report["after"] < report["peak"] // 2, report
+    print(f"RSS {report['peak']} MiB at the peak, {report['after']} MiB after: {report['trims']}")
