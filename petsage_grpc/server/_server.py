@@ -1,4 +1,8 @@
-"""The standalone server: a grpc.aio server with the PetSage services, run until a signal."""
+"""The server: a grpc.aio server with the PetSage services, run until a signal.
+
+``serve()`` is the one server: ``petsage-grpc serve`` only turns its flags into
+:class:`ServeOptions`. Every cap comes from one memory budget (``server/_budget.py``).
+"""
 
 from __future__ import annotations
 
@@ -95,7 +99,7 @@ def server_options(bounds: Bounds) -> tuple[tuple[str, int], ...]:
 
 @dataclass(frozen=True, kw_only=True)
 class ServeOptions:
-    """How the standalone server listens and stops."""
+    """How the server listens, what its memory budget is, and how it stops."""
 
     host: str = ""
     """Address to listen on; "" means every interface (IPv6 and IPv4)."""
