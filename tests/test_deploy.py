@@ -343,14 +343,12 @@ def test_manifest_memory_limit_is_the_server_budget_without_a_flag() -> None:
 # The standalone server, started as the manifest starts it.
 
 
-def _local_config(
-    tmp_path: Path, postgres: str, redis: str, **server: object
-) -> tuple[Path, dict[str, Any]]:
+def _local_config(tmp_path: Path, postgres: str, redis: str) -> tuple[Path, dict[str, Any]]:
+    """The ConfigMap's file, its checks pointed at the local servers."""
     config = _config()
     local = {"postgres": postgres, "redis": redis}
     for check in config["checks"]:
         check["target"] = local[check["kind"]]
-    config["server"].update(server)
     config_file = tmp_path / "petsage.toml"
     config_file.write_text(tomli_w.dumps(config))
     return config_file, config
