@@ -839,6 +839,7 @@ def test_an_initial_status_is_logged_as_where_the_name_starts_not_as_a_change(
         # The history starts again from the initial status.
         assert [t.status for t in board.history(READINESS)] == [NOT_SERVING, SERVING]
         assert [t.status for t in board.history(LIVENESS)] == [SERVING]
+        assert isinstance(watch, AsyncGenerator)
         await watch.aclose()
 
     run(scenario())

@@ -118,6 +118,8 @@ class HealthMonitor:
 
     Raises:
         ValueError: two checks share a name, or a ``python`` target cannot be imported.
+        MissingExtraError: an ``ImportError`` naming the extra to install, for a check
+            whose kind needs one that is missing (``postgres``, ``redis``, ``http``).
     """
 
     def __init__(self, board: StatusBoard, checks: Iterable[Check]) -> None:
@@ -180,6 +182,8 @@ class HealthMonitor:
 
         Raises:
             ValueError: duplicate names, or a ``python`` target cannot be imported; then
+                nothing has changed.
+            MissingExtraError: a check's kind needs an extra that is missing; then
                 nothing has changed.
         """
         wanted = {check.name: check for check in _unique(checks)}
