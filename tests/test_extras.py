@@ -18,8 +18,7 @@ import pytest
 from conftest import ROOT
 from tcp_listener import free_port
 
-from petsage_grpc import Check, HealthMonitor, StatusBoard
-from petsage_grpc._extras import MissingExtraError
+from petsage_grpc import Check, HealthMonitor, MissingExtraError, StatusBoard
 from petsage_grpc.server._config import ConfigError, load_config
 
 CLI_TIMEOUT: Final = 20.0
