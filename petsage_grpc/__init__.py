@@ -15,6 +15,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from petsage_grpc._extras import MissingExtraError
     from petsage_grpc.board._check import CHECK_PREFIX, Check, CheckError
     from petsage_grpc.board._monitor import CheckState, HealthMonitor
     from petsage_grpc.board._status import (
@@ -46,6 +47,7 @@ __all__ = [
     "HealthLimits",
     "HealthMonitor",
     "ListenError",
+    "MissingExtraError",
     "ProbeListener",
     "ServeOptions",
     "ServingStatus",
@@ -65,6 +67,7 @@ _HOMES = {
     "graceful_stop": "services._drain",
     "add_to_server": "services._embed",
     "ListenError": "server._server",
+    "MissingExtraError": "_extras",
     "ProbeListener": "services._probe_listener",
     "SERVER_OPTIONS": "server._server",
     "ServeOptions": "server._server",
