@@ -3,7 +3,7 @@ FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY petsage_grpc ./petsage_grpc
-RUN pip install --no-cache-dir . && useradd --uid 10001 --no-create-home petsage
+RUN pip install --no-cache-dir ".[all]" && useradd --uid 10001 --no-create-home petsage
 USER 10001
 # glibc reads this before any thread starts: grpc core's threads share 2 malloc arenas,
 # so memory freed after a flood can be given back (the server's mallopt call is the

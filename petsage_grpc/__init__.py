@@ -17,6 +17,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from petsage_grpc._extras import MissingExtraError
     from petsage_grpc.board._check import CHECK_PREFIX, Check, CheckError
     from petsage_grpc.board._monitor import CheckState, HealthMonitor
     from petsage_grpc.board._status import (
@@ -59,6 +60,7 @@ __all__ = [
     "HealthMonitor",
     "ListenError",
     "MemoryBudget",
+    "MissingExtraError",
     "ProbeListener",
     "ServeOptions",
     "ServingStatus",
@@ -87,6 +89,7 @@ _HOMES = {
     "tune_process": "server._process",
     "server_options": "server._server",
     "ListenError": "server._server",
+    "MissingExtraError": "_extras",
     "ProbeListener": "services._probe_listener",
     "SERVER_OPTIONS": "server._server",
     "ServeOptions": "server._server",

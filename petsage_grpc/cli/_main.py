@@ -129,7 +129,8 @@ def _serve_options(values: Mapping[str, Any], config: Config) -> ServeOptions:
     """Combine resolved settings and the file into ServeOptions.
 
     Raises:
-        ValueError: TLS files are incomplete or unusable, or the token file is unusable.
+        ValueError: TLS files are incomplete or unusable, the token file is unusable,
+            or --http-port lacks its extra.
     """
     from petsage_grpc.server._server import ServeOptions  # noqa: PLC0415
     from petsage_grpc.services._auth import BearerToken  # noqa: PLC0415
@@ -143,6 +144,12 @@ def _serve_options(values: Mapping[str, Any], config: Config) -> ServeOptions:
         values["probe_port"] is None and values["http_port"] is None
     ):
         raise ValueError("--shed-lag-seconds needs --probe-port or --http-port")
+    if values["http_port"] is not None:
+        from petsage_grpc._extras import missing_extra  # noqa: PLC0415
+
+        missing = missing_extra("http", feature="--http-port")
+        if missing is not None:
+            raise ValueError(missing)
     tls = None
     if cert is not None:
         from petsage_grpc.server._tls import TlsFiles  # noqa: PLC0415

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Final
 
 import grpc
 
+from petsage_grpc._extras import require_extra
 from petsage_grpc.board._check import Check
 from petsage_grpc.board._heartbeat import DEFAULT_STALL_SECONDS, LoopHeartbeat
 from petsage_grpc.board._monitor import HealthMonitor
@@ -300,7 +301,8 @@ async def _assemble(
     metrics = http = None
     if options.http_port is not None:
         # aiohttp and prometheus-client cost a quarter of a second to import and memory
-        # to hold: only for servers that serve HTTP.
+        # to hold: only for servers that serve HTTP (and only installed with the extra).
+        require_extra("http", feature="http_port")
         from petsage_grpc.server._http import HttpFace, HttpLimits  # noqa: PLC0415
         from petsage_grpc.server._metrics import Metrics  # noqa: PLC0415
 
@@ -404,6 +406,8 @@ async def serve(
         ListenError: an address cannot be listened on, or the TLS files are unusable;
             nothing is left running.
         BudgetError: the memory budget is too small (a ValueError); nothing has started.
+        MissingExtraError: an ``ImportError``: *http_port* or a check needs an extra
+            that is not installed; nothing was started.
     """
     _check_addresses(options)
     found = platform()
