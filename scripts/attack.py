@@ -627,9 +627,9 @@ def start_front(server: Server, scratch: Path) -> Front:
 
 
 @contextlib.contextmanager
-def front_of(name: str | None, server: Server, scratch: Path) -> Iterator[Front | None]:
-    """*name*'s proxy in front of *server* for the block (None: no front)."""
-    if name is None:
+def front_of(name: str, server: Server, scratch: Path) -> Iterator[Front | None]:
+    """*name*'s proxy in front of *server* for the block ("": no front, None)."""
+    if not name:
         yield None
         return
     front = start_front(server, scratch)
@@ -687,7 +687,6 @@ async def run_attack(server: Server, run: Run, *, after: float, front: Front | N
     tally = Tally()
     main_port = server.port if front is None else front.port
     if front is not None:
-        run.front = "envoy"
         run.front_baseline_rss_kib = front.rss_kib()
     port = server.http_port if name == "idle-http" else main_port
     if port is None:
@@ -825,9 +824,10 @@ def main(argv: list[str] | None = None) -> int:
             seconds=args.seconds,
             transport=transport,
             after=args.after,
+            front=args.front or "",
         )
         try:
-            with front_of(args.front, server, scratch) as front:
+            with front_of(run.front, server, scratch) as front:
                 time.sleep(args.settle)
                 run.baseline_rss_kib = server.sample()[0]
                 asyncio.run(run_attack(server, run, after=args.after, front=front))
