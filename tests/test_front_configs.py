@@ -99,6 +99,8 @@ def test_envoy_checks_readiness_over_grpc_on_every_replica() -> None:
     window = 2 * (seconds["interval"] + float(check["interval_jitter"].rstrip("s")))
     assert window + seconds["timeout"] < 2.0
     assert check["no_traffic_interval"] == check["interval"]
+    # Health changes applied at once, not merged over Envoy's default 1 s.
+    assert cluster["common_lb_config"]["update_merge_window"] == "0s"
     endpoints = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
     assert [e["endpoint"]["address"]["socket_address"]["port_value"] for e in endpoints] == [
         50061,
