@@ -23,7 +23,7 @@ import contextlib
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -84,6 +84,7 @@ class _Replica:
     names: dict[str, str] = field(default_factory=dict)
     names_hidden: bool = False
     smoke: dict[str, Any] | None = None
+    draining: bool = False
     since: float = field(default_factory=time.time)
     lost_since: float | None = None
     reminders: int = 0
@@ -348,18 +349,14 @@ class Fleet:
             finally:
                 ended.set()
 
-        smoke = asyncio.create_task(self._smoke_loop(replica, channel))
+        ask = self._smoke_asker(replica, channel)
+        smoke = asyncio.create_task(self._smoke_loop(replica, ask))
         try:
             names = await names_now()
+            await ask()  # the first table shows the smoke test, and a replica that drains
             self._answered(replica)
             while True:
-                for name in [n for n in replica.names if n not in names]:
-                    del replica.names[name]  # gone from List: a removed check
-                for name in names:
-                    if name not in watchers or watchers[name].done():
-                        watchers[name] = asyncio.create_task(watch(name))
-                for name in [n for n in watchers if n not in names]:
-                    watchers.pop(name).cancel()
+                _reconcile(replica, names, watchers, watch)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(ended.wait(), RELIST_SECONDS)
                 if ended.is_set():
@@ -372,10 +369,9 @@ class Fleet:
                 task.cancel()
             await asyncio.gather(*watchers.values(), smoke, return_exceptions=True)
 
-    async def _smoke_loop(self, replica: _Replica, channel: grpc.aio.Channel) -> None:
-        """Ask SmokeTest at the start and after each change (changes coalesced)."""
-        import grpc  # noqa: PLC0415
-
+    def _smoke_asker(
+        self, replica: _Replica, channel: grpc.aio.Channel
+    ) -> Callable[[], Awaitable[None]]:
         from petsage_grpc._generated.petsage.v1 import (  # noqa: PLC0415
             smoke_test_service_pb2 as messages,
         )
@@ -385,32 +381,48 @@ class Fleet:
             request_serializer=messages.SmokeTestRequest.SerializeToString,
             response_deserializer=messages.SmokeTestResponse.FromString,
         )
-        replica.smoke_due.set()
+
+        async def ask() -> None:
+            await self._smoke(replica, call, messages)
+
+        return ask
+
+    async def _smoke_loop(self, replica: _Replica, ask: Callable[[], Awaitable[None]]) -> None:
+        """Ask SmokeTest again after each change (changes coalesced)."""
         while True:
             await replica.smoke_due.wait()
             replica.smoke_due.clear()
-            try:
-                answer = await call(
-                    messages.SmokeTestRequest(), timeout=self._timeout, metadata=self._metadata
-                )
-            except grpc.aio.AioRpcError as error:
-                if error.code().name in _NO_ANSWER:
-                    continue  # no answer at all: the session finds out whether it is gone
-                result: dict[str, Any] = {
-                    "error": error.code().name,
-                    "message": error.details() or "",
-                }
-            else:
-                result = {"status": answer.status, "message": answer.message}
-                if answer.checks:
-                    result["checks"] = {c.name: c.serving for c in answer.checks}
-            replica.smoke = result
-            draining = result.get("message") == _DRAINING_DETAILS
-            if draining and replica.state == "up":
-                replica.state, replica.since = "draining", time.time()
+            await ask()
+
+    async def _smoke(self, replica: _Replica, call: Any, messages: Any) -> None:
+        """One SmokeTest: its answer, its checks, and whether the replica drains."""
+        import grpc  # noqa: PLC0415
+
+        try:
+            answer = await call(
+                messages.SmokeTestRequest(), timeout=self._timeout, metadata=self._metadata
+            )
+        except grpc.aio.AioRpcError as error:
+            if error.code().name in _NO_ANSWER:
+                return  # no answer at all: the session finds out whether it is gone
+            result: dict[str, Any] = {"error": error.code().name, "message": error.details() or ""}
+        else:
+            result = {"status": answer.status, "message": answer.message}
+            if answer.checks:
+                result["checks"] = {c.name: c.serving for c in answer.checks}
+        replica.smoke = result
+        replica.draining = result.get("message") == _DRAINING_DETAILS
+        self._update_state(replica)
+
+    def _update_state(self, replica: _Replica) -> None:
+        """Up or draining, once connected, as the last SmokeTest said."""
+        if replica.state not in ("up", "draining"):
+            return
+        state = "draining" if replica.draining else "up"
+        if state != replica.state:
+            replica.state, replica.since = state, time.time()
+            if state == "draining":
                 self._emit("draining", replica.address, "draining")
-            elif not draining and replica.state == "draining":
-                replica.state, replica.since = "up", time.time()
 
     def _observed(self, replica: _Replica, name: str, new: str) -> None:
         old = replica.names.get(name, "SERVICE_UNKNOWN")
@@ -442,6 +454,7 @@ class Fleet:
                 )
             replica.state, replica.since = "up", time.time()
             replica.lost_since, replica.reminders = None, 0
+            self._update_state(replica)
         self._check_settled()
 
     def _lost(self, replica: _Replica, reason: str) -> None:
@@ -479,6 +492,22 @@ class Fleet:
     def _emit(self, kind: str, replica: str, text: str, **fields: Any) -> None:
         if self._started:
             self._on_event(FleetEvent(kind, replica, time.time(), text, fields))
+
+
+def _reconcile(
+    replica: _Replica,
+    names: list[str],
+    watchers: dict[str, asyncio.Task[None]],
+    watch: Callable[[str], Awaitable[None]],
+) -> None:
+    """Follow each listed name (again, if its stream ended); forget names gone from List."""
+    for name in [n for n in replica.names if n not in names]:
+        del replica.names[name]  # a removed check
+    for name in names:
+        if name not in watchers or watchers[name].done():
+            watchers[name] = asyncio.create_task(watch(name))
+    for name in [n for n in watchers if n not in names]:
+        watchers.pop(name).cancel()
 
 
 def _order(address: str) -> tuple[int, bytes, int, str]:

@@ -1,0 +1,309 @@
+"""``petsage-grpc status --discover``: a fleet behind real DNS, followed over Watch.
+
+dnsmasq on a loopback port answers for a test name with the addresses of real replicas
+(``petsage-grpc serve`` on 127.0.0.2, 127.0.0.3, ... on one port); the tests rewrite its
+hosts file and reload it to add and remove replicas. Each replica has a ``tcp`` check
+against a listener of its own; closing it fails that replica's dependency.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any, Final
+
+import pytest
+from fleet_harness import NAME, ROOT, Dnsmasq, Replica, start_replica
+from tcp_listener import TcpListener, free_port
+
+pytestmark = pytest.mark.slow  # dnsmasq and several servers per test
+
+WAIT: Final = 30.0
+TOKEN: Final = "petsage-fleet-token-51c7"  # noqa: S105 - a test token
+
+
+def check_config(directory: Path, host: str, target: str) -> Path:
+    path = directory / f"replica-{host}.toml"
+    path.write_text(
+        '[[checks]]\nname = "db"\nkind = "tcp"\n'
+        f'target = "{target}"\ninterval = "100ms"\ntimeout = "500ms"\nfailure_threshold = 1\n',
+        encoding="utf-8",
+    )
+    return path
+
+
+class Fleet:
+    """Replicas on 127.0.0.N:port, each with a db listener, and dnsmasq answering for them."""
+
+    def __init__(self, directory: Path, dns: Dnsmasq) -> None:
+        self.directory, self.dns = directory, dns
+        self.port = free_port()
+        self.replicas: dict[str, Replica] = {}
+        self.listeners: dict[str, TcpListener] = {}
+
+    def start(self, host: str, *args: str) -> Replica:
+        listener = self.listeners[host] = TcpListener()
+        config = check_config(self.directory, host, listener.address)
+        replica = start_replica(host, self.port, "--config", str(config), *args)
+        self.replicas[host] = replica
+        return replica
+
+    def address(self, host: str) -> str:
+        return f"{host}:{self.port}"
+
+    @property
+    def target(self) -> str:
+        return f"dns://127.0.0.1:{self.dns.port}/{NAME}:{self.port}"
+
+    def close(self) -> None:
+        for replica in self.replicas.values():
+            replica.kill()
+        for listener in self.listeners.values():
+            listener.close()
+
+
+@pytest.fixture
+def dns(tmp_path: Path) -> Iterator[Dnsmasq]:
+    with Dnsmasq(tmp_path, free_port()) as running:
+        yield running
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, dns: Dnsmasq) -> Iterator[Fleet]:
+    running = Fleet(tmp_path, dns)
+    yield running
+    running.close()
+
+
+def status(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "petsage_grpc", "status", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        cwd=ROOT,
+        check=False,
+    )
+
+
+def table(stdout: str) -> dict[str, dict[str, str]]:
+    """The fleet table: replica -> column -> cell."""
+    lines = stdout.splitlines()
+    header = lines[0].split()
+    assert header[:2] == ["REPLICA", "STATE"], stdout
+    header = [*header[:-2], "SMOKE"]  # "SMOKE TEST" is one column
+    rows = {}
+    for line in lines[1:]:
+        if not line.strip():
+            break
+        cells = line.split()
+        rows[cells[0]] = dict(zip(header[1:], cells[1:], strict=True))
+    return rows
+
+
+class Follower:
+    """``status --discover ... --watch --json``: its first document, then each event."""
+
+    def __init__(self, *args: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "petsage_grpc", "status", "--watch", "--json", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            cwd=ROOT,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[dict[str, Any]] = []
+        assert self.process.stdout is not None
+        threading.Thread(target=self._pump, args=(self.process.stdout,), daemon=True).start()
+        self.first: dict[str, Any] = json.loads(self.lines.get(timeout=WAIT))
+
+    def _pump(self, stream: IO[str]) -> None:
+        for line in stream:
+            self.lines.put(line)
+
+    def expect(self, what: str, match: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+        """The first event (since the last one returned) that *match*es; fail after WAIT."""
+        deadline = time.monotonic() + WAIT
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                pytest.fail(f"no event {what} within {WAIT:g}s; seen: {self.seen}")
+            try:
+                line = self.lines.get(timeout=left)
+            except queue.Empty:
+                continue
+            event: dict[str, Any] = json.loads(line)
+            self.seen.append(event)
+            if match(event):
+                return event
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGINT)
+        code = self.process.wait(30)
+        for stream in (self.process.stdout, self.process.stderr):
+            if stream is not None:
+                stream.close()
+        return code
+
+
+def event(kind: str, replica: str, **fields: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda e: (
+        e["event"] == kind
+        and e["replica"] == replica
+        and all(e.get(k) == v for k, v in fields.items())
+    )
+
+
+def test_table_of_every_replica_behind_the_name(fleet: Fleet) -> None:
+    for host in ("127.0.0.2", "127.0.0.3"):
+        fleet.start(host)
+    fleet.dns.set_hosts(["127.0.0.2", "127.0.0.3"])
+    ran = status("--discover", fleet.target, "--token-file", "/dev/null")
+    assert ran.returncode == 1  # an empty token file is refused in one line
+    assert len(ran.stderr.splitlines()) == 1, ran.stderr
+    ran = status("--discover", fleet.target)
+    assert ran.returncode == 0, ran
+    rows = table(ran.stdout)
+    assert set(rows) == {fleet.address("127.0.0.2"), fleet.address("127.0.0.3")}
+    for row in rows.values():
+        assert row["STATE"] == "up"
+        assert row["check.db"] == row["readiness"] == row['""'] == "SERVING"
+        assert row["SMOKE"] == "ok"
+    # The second replica's dependency fails: its rows, and only its, turn NOT_SERVING.
+    fleet.listeners["127.0.0.3"].close()
+    deadline = time.monotonic() + WAIT
+    while True:
+        ran = status("--discover", fleet.target)
+        rows = table(ran.stdout)
+        if rows[fleet.address("127.0.0.3")]["check.db"] == "NOT_SERVING":
+            break
+        assert time.monotonic() < deadline, ran.stdout
+    assert ran.returncode == 4
+    failing = rows[fleet.address("127.0.0.3")]
+    assert failing["readiness"] == failing['""'] == "NOT_SERVING"
+    assert failing["liveness"] == "SERVING"
+    assert failing["STATE"] == "up"  # not draining: its dependency failed
+    assert failing["SMOKE"] == "UNAVAILABLE"
+    assert rows[fleet.address("127.0.0.2")]["readiness"] == "SERVING"
+
+
+def test_transitions_replicas_added_draining_and_gone(fleet: Fleet) -> None:
+    fleet.start("127.0.0.2", "--drain-seconds", "2")
+    fleet.start("127.0.0.3")
+    fleet.dns.set_hosts(["127.0.0.2", "127.0.0.3"])
+    follower = Follower("--discover", fleet.target, "--resolve-every", "500ms")
+    try:
+        replicas = {r["address"]: r for r in follower.first["replicas"]}
+        assert set(replicas) == {fleet.address("127.0.0.2"), fleet.address("127.0.0.3")}
+        assert all(r["names"]["check.db"] == "SERVING" for r in replicas.values())
+        three, two = fleet.address("127.0.0.3"), fleet.address("127.0.0.2")
+
+        # A dependency fails on one replica: its transitions, prefixed by the replica.
+        fleet.listeners["127.0.0.3"].close()
+        follower.expect("db fails", event("transition", three, service="check.db"))
+        follower.expect(
+            "readiness on .3", event("transition", three, service="readiness", to="NOT_SERVING")
+        )
+
+        # A replica is added to DNS: followed without a restart.
+        fleet.start("127.0.0.4")
+        fleet.dns.set_hosts(["127.0.0.2", "127.0.0.3", "127.0.0.4"])
+        four = fleet.address("127.0.0.4")
+        follower.expect("the new replica", event("appeared", four))
+
+        # A replica stops: first draining, then gone, then out of DNS.
+        fleet.replicas["127.0.0.2"].stop()
+        follower.expect(
+            "readiness on .2", event("transition", two, service="readiness", to="NOT_SERVING")
+        )
+        follower.expect("draining", event("draining", two))
+        follower.expect("lost", event("lost", two))
+        fleet.dns.set_hosts(["127.0.0.3", "127.0.0.4"])
+        follower.expect("removed", event("removed", two))
+        assert not any(e["event"] == "draining" and e["replica"] == three for e in follower.seen)
+    finally:
+        code = follower.stop()
+    assert code == 4  # the last states: .3's dependency is down
+
+    # The table now: .2 gone, .3 failing, .4 serving.
+    rows = table(status("--discover", fleet.target).stdout)
+    assert set(rows) == {three, four}
+    assert rows[three]["check.db"] == "NOT_SERVING"
+    assert rows[four]["check.db"] == rows[four]["readiness"] == "SERVING"
+
+
+def test_a_plain_list_the_token_and_a_replica_that_does_not_answer(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN, encoding="utf-8")
+    fleet.start("127.0.0.2", "--auth-token-file", str(token_file))
+    silent = f"127.0.0.5:{free_port()}"
+    targets = ["--discover", fleet.address("127.0.0.2"), "--discover", silent, "--timeout", "1s"]
+    # Without the token List is refused: the five standard names, no check.
+    ran = status(*targets, "--json")
+    assert ran.returncode == 4, ran
+    replicas = {r["address"]: r for r in json.loads(ran.stdout)["replicas"]}
+    followed = replicas[fleet.address("127.0.0.2")]
+    assert followed["names_hidden"] is True
+    assert set(followed["names"]) == {
+        "",
+        "liveness",
+        "readiness",
+        "startup",
+        "petsage.v1.SmokeTestService",
+    }
+    assert followed["checks"] is None
+    assert replicas[silent]["state"] == "unreachable"
+    # With it: every name and the check.
+    ran = status(*targets, "--json", "--token-file", str(token_file))
+    followed = {r["address"]: r for r in json.loads(ran.stdout)["replicas"]}[
+        fleet.address("127.0.0.2")
+    ]
+    assert followed["names"]["check.db"] == "SERVING"
+    assert followed["checks"] == {"db": True}
+    assert followed["smoke_test"]["checks"] == {"db": True}
+
+
+def test_caps_and_a_name_with_no_replica(fleet: Fleet) -> None:
+    for host in ("127.0.0.2", "127.0.0.3"):
+        fleet.start(host)
+    fleet.dns.set_hosts(["127.0.0.2", "127.0.0.3"])
+    ran = status("--discover", fleet.target, "--max-replicas", "1")
+    assert ran.returncode == 0, ran
+    assert set(table(ran.stdout)) == {fleet.address("127.0.0.2")}  # the first in order
+    assert "1 more replicas not followed (--max-replicas)" in ran.stdout
+    empty = f"dns://127.0.0.1:{fleet.dns.port}/nobody.fleet.test:{fleet.port}"
+    ran = status("--discover", empty)
+    assert ran.returncode == 2
+    assert ran.stderr == "error: no replica found\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--discover", "http://x:1"], "only dns: targets and HOST:PORT are supported"),
+        (["--discover", "dns://dns.example/x:1"], "the DNS server must be an IP address"),
+        (["--discover", "localhost"], "no port"),
+        (["--discover", "127.0.0.2:99999"], "bad port"),
+        (["--discover", "127.0.0.2:1", "--max-replicas", "0"], "--max-replicas must be"),
+        (["--discover", "127.0.0.2:1", "--resolve-every", "0s"], "--resolve-every must be"),
+        (["--discover", "127.0.0.2:1", "--watch", "--exit-on-loss"], "for one server"),
+    ],
+)
+def test_bad_arguments_one_line_exit_1(args: list[str], message: str) -> None:
+    ran = status(*args)
+    assert ran.returncode == 1, ran
+    assert ran.stdout == ""
+    assert len(ran.stderr.splitlines()) == 1, ran.stderr
+    assert message in ran.stderr
