@@ -23,7 +23,7 @@ import contextlib
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -498,7 +498,7 @@ def _reconcile(
     replica: _Replica,
     names: list[str],
     watchers: dict[str, asyncio.Task[None]],
-    watch: Callable[[str], Awaitable[None]],
+    watch: Callable[[str], Coroutine[Any, Any, None]],
 ) -> None:
     """Follow each listed name (again, if its stream ended); forget names gone from List."""
     for name in [n for n in replica.names if n not in names]:
