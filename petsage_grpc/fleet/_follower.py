@@ -84,6 +84,7 @@ class _Replica:
     names: dict[str, str] = field(default_factory=dict)
     names_hidden: bool = False
     smoke: dict[str, Any] | None = None
+    last_checks: dict[str, bool] | None = None  # from the last SmokeTest that listed them
     draining: bool = False
     since: float = field(default_factory=time.time)
     lost_since: float | None = None
@@ -102,7 +103,10 @@ class _Replica:
             for name, state in self.names.items()
             if name.startswith(_CHECK_PREFIX)
         }
-        if listed:
+        if self.state == "draining":
+            # A drain reports every check NOT_SERVING: show what they were before it.
+            checks = self.last_checks
+        elif listed:
             checks = listed
         elif self.smoke is not None and "checks" in self.smoke:
             checks = dict(self.smoke["checks"])
@@ -410,6 +414,7 @@ class Fleet:
             result = {"status": answer.status, "message": answer.message}
             if answer.checks:
                 result["checks"] = {c.name: c.serving for c in answer.checks}
+                replica.last_checks = dict(result["checks"])
         replica.smoke = result
         replica.draining = result.get("message") == _DRAINING_DETAILS
         self._update_state(replica)

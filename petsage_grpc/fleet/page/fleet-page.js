@@ -42,7 +42,11 @@ function card(replica, now) {
   const node = el("article", { class: "replica", "data-replica": replica.address, "data-state": state });
   const title = el("h3");
   title.append(el("span", {}, replica.address), el("span", { class: "badge", "data-state": state }, LABELS[state]));
-  node.append(title, el("p", { class: "since muted" }, LABELS[state] + " for " + ago(replica.since, now)));
+  let since = replica.since;  // connected or draining since; a status change is later news
+  if (replica.state === "up" && replica.transitions.length) {
+    since = Math.max(since, replica.transitions[replica.transitions.length - 1].at);
+  }
+  node.append(title, el("p", { class: "since muted" }, LABELS[state] + " for " + ago(since, now)));
   const names = el("ul", { class: "names" });
   for (const [name, status] of Object.entries(replica.names)) {
     if (name.startsWith("check.")) continue;  // shown as checks below
@@ -54,7 +58,8 @@ function card(replica, now) {
   node.append(names);
   if (replica.names_hidden) node.append(el("p", { class: "muted" }, "List refused: the standard names only (a token shows every name)."));
   if (replica.checks && Object.keys(replica.checks).length) {
-    node.append(el("p", { class: "checks-title" }, "Dependency checks"));
+    const heading = replica.state === "draining" ? "Dependency checks (before the drain)" : "Dependency checks";
+    node.append(el("p", { class: "checks-title" }, heading));
     const checks = el("ul", { class: "checks" });
     for (const [name, serving] of Object.entries(replica.checks)) {
       const status = serving ? "SERVING" : "NOT_SERVING";
