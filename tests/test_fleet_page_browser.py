@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import Final
 
 import pytest
+from playwright.sync_api import ConsoleMessage, Playwright, Request, expect, sync_playwright
 from tcp_listener import free_port
 from test_fleet import ROOT, Fleet, dns, fleet  # noqa: F401 - fixtures
 from test_status_page_browser import CHROMIUM, CHROMIUM_ARGS, WAIT_MS
-
-from playwright.sync_api import ConsoleMessage, Playwright, Request, expect, sync_playwright
 
 pytestmark = pytest.mark.slow
 
