@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Final
 
 import pytest
+from fleet_harness import ROOT
 from playwright.sync_api import ConsoleMessage, Playwright, Request, expect, sync_playwright
 from tcp_listener import free_port
-from test_fleet import ROOT, Fleet, dns, fleet  # noqa: F401 - fixtures
+from test_fleet import Fleet, dns, fleet  # noqa: F401 - fixtures
 from test_status_page_browser import CHROMIUM, CHROMIUM_ARGS, WAIT_MS
 
 pytestmark = pytest.mark.slow
