@@ -23,7 +23,7 @@ import pytest
 from fleet_harness import NAME, ROOT, Dnsmasq, Replica, start_replica
 from tcp_listener import TcpListener, free_port
 
-pytestmark = pytest.mark.slow  # dnsmasq and several servers per test
+from petsage_grpc.fleet._discovery import DiscoveryError, Target, parse_target
 
 WAIT: Final = 30.0
 TOKEN: Final = "petsage-fleet-token-51c7"  # noqa: S105 - a test token
@@ -164,6 +164,7 @@ def event(kind: str, replica: str, **fields: str) -> Callable[[dict[str, Any]], 
     )
 
 
+@pytest.mark.slow  # dnsmasq and several servers
 def test_table_of_every_replica_behind_the_name(fleet: Fleet) -> None:
     for host in ("127.0.0.2", "127.0.0.3"):
         fleet.start(host)
@@ -197,6 +198,7 @@ def test_table_of_every_replica_behind_the_name(fleet: Fleet) -> None:
     assert rows[fleet.address("127.0.0.2")]["readiness"] == "SERVING"
 
 
+@pytest.mark.slow  # dnsmasq and several servers
 def test_transitions_replicas_added_draining_and_gone(fleet: Fleet) -> None:
     fleet.start("127.0.0.2", "--drain-seconds", "2")
     fleet.start("127.0.0.3")
@@ -242,6 +244,7 @@ def test_transitions_replicas_added_draining_and_gone(fleet: Fleet) -> None:
     assert rows[four]["check.db"] == rows[four]["readiness"] == "SERVING"
 
 
+@pytest.mark.slow  # dnsmasq and several servers
 def test_a_plain_list_the_token_and_a_replica_that_does_not_answer(
     fleet: Fleet, tmp_path: Path
 ) -> None:
@@ -275,6 +278,7 @@ def test_a_plain_list_the_token_and_a_replica_that_does_not_answer(
     assert followed["smoke_test"]["checks"] == {"db": True}
 
 
+@pytest.mark.slow  # dnsmasq and several servers
 def test_caps_and_a_name_with_no_replica(fleet: Fleet) -> None:
     for host in ("127.0.0.2", "127.0.0.3"):
         fleet.start(host)
@@ -307,3 +311,93 @@ def test_bad_arguments_one_line_exit_1(args: list[str], message: str) -> None:
     assert ran.stdout == ""
     assert len(ran.stderr.splitlines()) == 1, ran.stderr
     assert message in ran.stderr
+
+
+def fleet_command(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "petsage_grpc", "fleet", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        cwd=ROOT,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--http-port", "1"], "--discover"),
+        (["--discover", "127.0.0.2:1"], "--http-port"),
+        (["--discover", "127.0.0.2:1", "--http-port", "70000"], "--http-port must be"),
+        (["--discover", "dns:///x:1", "--http-port", "1", "--timeout", "0s"], "--timeout"),
+    ],
+)
+def test_fleet_page_bad_arguments_one_line_exit_1(args: list[str], message: str) -> None:
+    ran = fleet_command(*args)
+    assert ran.returncode == 1, ran
+    assert message in ran.stderr.splitlines()[-1]
+
+
+def test_fleet_page_cannot_listen_says_so_in_one_line() -> None:
+    with TcpListener() as taken:
+        ran = fleet_command("--discover", "127.0.0.2:1", "--http-port", str(taken.port))
+    assert ran.returncode == 1, ran
+    assert ran.stderr.startswith("petsage-grpc fleet: error: cannot listen"), ran.stderr
+    assert len(ran.stderr.splitlines()) == 1
+
+
+def test_dns_server_target_without_the_extra_names_it() -> None:
+    code = (
+        "import sys; sys.modules['dns'] = None; from petsage_grpc.cli._main import main; "
+        "sys.exit(main(['status', '--discover', 'dns://127.0.0.1/x.test:1']))"
+    )
+    ran = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        check=False,
+    )
+    assert ran.returncode == 1, ran
+    assert "petsage-grpc[fleet]" in ran.stderr
+    assert len(ran.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "parsed"),
+    [
+        ("dns:///pets.svc:50051", Target(text="", host="pets.svc", port=50051, dns=True)),
+        ("dns:pets.svc:50051", Target(text="", host="pets.svc", port=50051, dns=True)),
+        ("dns:///pets.svc", Target(text="", host="pets.svc", port=443, dns=True)),
+        (
+            "dns://10.96.0.10/pets.svc:1",
+            Target(text="", host="pets.svc", port=1, dns=True, server=("10.96.0.10", 53)),
+        ),
+        (
+            "dns://[::1]:5353/pets.svc:1",
+            Target(text="", host="pets.svc", port=1, dns=True, server=("::1", 5353)),
+        ),
+        ("10.0.3.7:50051", Target(text="", host="10.0.3.7", port=50051, dns=False)),
+        ("[fd00::7]:50051", Target(text="", host="fd00::7", port=50051, dns=False)),
+    ],
+)
+def test_targets_parse(text: str, parsed: Target) -> None:
+    got = parse_target(text)
+    assert got.text == text
+    assert (got.host, got.port, got.dns, got.server) == (
+        parsed.host,
+        parsed.port,
+        parsed.dns,
+        parsed.server,
+    )
+
+
+@pytest.mark.parametrize(
+    "text", ["", ":1", "fd00::7:1", "[fd00::7", "dns://", "dns://x:1", "a:b", "a:0", "grpc://a:1"]
+)
+def test_bad_targets_refused(text: str) -> None:
+    with pytest.raises(DiscoveryError):
+        parse_target(text)

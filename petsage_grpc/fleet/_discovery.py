@@ -111,10 +111,10 @@ def check_available(target: Target) -> None:
     """
     if target.server is None:
         return
-    import importlib.util  # noqa: PLC0415
-
-    if importlib.util.find_spec("dns") is None:
-        raise DiscoveryError(f"{target.text}: {_MISSING_EXTRA}")
+    try:
+        import dns.asyncresolver  # noqa: F401, PLC0415 - optional: the fleet extra
+    except ImportError:
+        raise DiscoveryError(f"{target.text}: {_MISSING_EXTRA}") from None
 
 
 def _join(host: str, port: int) -> str:
