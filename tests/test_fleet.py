@@ -22,6 +22,7 @@ from typing import IO, Any, Final
 import pytest
 from fleet_harness import NAME, ROOT, Dnsmasq, Replica, start_replica
 from tcp_listener import TcpListener, free_port
+from test_tls import SERVER_EXTENSIONS, _issue, _make_ca
 
 from petsage_grpc.fleet._discovery import DiscoveryError, Target, parse_target
 
@@ -401,3 +402,27 @@ def test_targets_parse(text: str, parsed: Target) -> None:
 def test_bad_targets_refused(text: str) -> None:
     with pytest.raises(DiscoveryError):
         parse_target(text)
+
+
+@pytest.mark.slow  # dnsmasq and a TLS server
+def test_tls_verifies_each_replica_against_the_dns_name(fleet: Fleet, tmp_path: Path) -> None:
+    _make_ca(tmp_path, "fleet-ca")
+    served = SERVER_EXTENSIONS.replace("DNS:localhost,IP:127.0.0.1", f"DNS:{NAME}")
+    pair = _issue(tmp_path, "fleet-ca", "fleet-replica", "2001", served)
+    fleet.start("127.0.0.2", "--tls-cert", str(pair.cert), "--tls-key", str(pair.key))
+    fleet.dns.set_hosts(["127.0.0.2"])
+    ca = str(tmp_path / "fleet-ca.pem")
+    ran = status("--discover", fleet.target, "--tls", "--tls-ca-cert", ca, "--json")
+    assert ran.returncode == 0, ran
+    assert json.loads(ran.stdout)["replicas"][0]["state"] == "up"
+    # A certificate that does not name the server given, or plaintext: no answer.
+    for args in (
+        ["--tls", "--tls-ca-cert", ca, "--tls-server-name", "other.fleet.test"],
+        [],
+    ):
+        ran = status("--discover", fleet.target, "--timeout", "1s", "--json", *args)
+        assert ran.returncode == 2, ran
+        assert json.loads(ran.stdout)["replicas"][0]["state"] == "unreachable"
+    ran = status("--discover", fleet.target, "--tls", "--tls-ca-cert", str(tmp_path / "none"))
+    assert ran.returncode == 1
+    assert "cannot use the TLS files" in ran.stderr
