@@ -426,3 +426,23 @@ def test_tls_verifies_each_replica_against_the_dns_name(fleet: Fleet, tmp_path: 
     ran = status("--discover", fleet.target, "--tls", "--tls-ca-cert", str(tmp_path / "none"))
     assert ran.returncode == 1
     assert "cannot use the TLS files" in ran.stderr
+
+
+@pytest.mark.slow  # a benchmark: dnsmasq, five servers, the follower
+def test_the_fleet_benchmark_runs_in_its_smoke_mode(tmp_path: Path) -> None:
+    out = tmp_path / "fleet.json"
+    ran = subprocess.run(
+        [sys.executable, "-m", "benchmarks.fleet", "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        cwd=ROOT,
+        check=False,
+    )
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["replicas"] == 5
+    assert result["transitions"] == 6
+    assert set(result["latency"]) == {"direct_watch_s", "cli_s", "page_s"}
+    assert result["follower_idle"]["rss_mib"] > 0
+    assert result["polling"]["probe_cpu_ms"] > 0
