@@ -11,10 +11,13 @@ from __future__ import annotations
 import json
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, Final
@@ -446,3 +449,53 @@ def test_the_fleet_benchmark_runs_in_its_smoke_mode(tmp_path: Path) -> None:
     assert set(result["latency"]) == {"direct_watch_s", "cli_s", "page_s"}
     assert result["follower_idle"]["rss_mib"] > 0
     assert result["polling"]["probe_cpu_ms"] > 0
+
+
+def test_the_page_answers_only_its_files_and_names_no_version() -> None:
+    http_port = free_port()
+    process = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "petsage_grpc", "fleet"),
+            *("--discover", f"127.0.0.2:{free_port()}", "--http-port", str(http_port)),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        assert process.stderr is not None
+        assert "fleet page on http://127.0.0.1:" in process.stderr.readline()
+        origin = f"http://127.0.0.1:{http_port}"
+        with urllib.request.urlopen(f"{origin}/fleet.json", timeout=10) as answer:  # noqa: S310
+            assert answer.headers["Server"] == "PetSage"
+            assert answer.headers["Content-Type"] == "application/json"
+            document = json.loads(answer.read())
+        assert set(document) == {
+            "generated_at",
+            "targets",
+            "replicas",
+            "not_followed",
+            "resolve_errors",
+            "events",
+        }
+        for path, method, code in (("/nope", "GET", 404), ("/fleet.json", "POST", 405)):
+            request = urllib.request.Request(f"{origin}{path}", method=method)  # noqa: S310
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=10)  # noqa: S310
+            assert refused.value.code == code
+            assert refused.value.headers["Server"] == "PetSage"
+        # A malformed request: a fixed line, no version, no traceback.
+        with socket.create_connection(("127.0.0.1", http_port), timeout=10) as raw:
+            raw.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 4096 + b"\r\n\r\n")
+            answer_bytes = raw.recv(65536)
+        assert answer_bytes.split(b"\r\n")[0].endswith(b"400 Bad Request"), answer_bytes
+        assert b"aiohttp" not in answer_bytes
+        assert b"Python" not in answer_bytes
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+        if process.stderr is not None:
+            assert "Traceback" not in process.stderr.read()
+            process.stderr.close()

@@ -6,6 +6,10 @@ strict Content-Security-Policy, no inline script or style), and a script that po
 follower between polls, so a hundred open pages cost a hundred short requests a second
 and no streams; renderings are shared for :data:`_MIN_RENDER_SECONDS`.
 
+Its HTTP server is capped and quiet as the server's HTTP face is (kept apart: the fleet
+view imports nothing of the server): 1 KiB request lines and headers, 10 s to send a
+request, :data:`_MAX_CONNECTIONS` connections, fixed text for malformed requests.
+
 The page shows what the follower knows: replica addresses, their states, names, checks
 (where the token let List or SmokeTest name them) and transitions. It listens on
 127.0.0.1 unless told otherwise: whoever reaches it sees what the token unlocked.
@@ -13,9 +17,11 @@ The page shows what the follower knows: replica addresses, their states, names, 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections import deque
+from http import HTTPStatus
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Final
 
@@ -35,7 +41,13 @@ _ASSETS: Final = {
     "/fleet-page.css": ("fleet-page.css", "text/css; charset=utf-8"),
     "/favicon.svg": ("favicon.svg", "image/svg+xml"),
 }
+_MAX_HEADER_BYTES: Final = 1024
+_IDLE_SECONDS: Final = 10.0
+_MAX_CONNECTIONS: Final = 256
+# aiohttp's default Server header names Python's and aiohttp's versions.
+_PLAIN_HEADERS: Final = {"Server": "PetSage", "Cache-Control": "no-store"}
 _HEADERS: Final = {
+    **_PLAIN_HEADERS,
     "Content-Security-Policy": (
         "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
         "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
@@ -43,8 +55,55 @@ _HEADERS: Final = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "Cross-Origin-Resource-Policy": "same-origin",
-    "Cache-Control": "no-store",
 }
+
+
+def _plain(status: int, text: str, **headers: str) -> web.Response:
+    return web.Response(status=status, text=text, headers={**_PLAIN_HEADERS, **headers})
+
+
+class _QuietRequestHandler(web.RequestHandler):
+    """aiohttp's connection handler; a malformed request gets fixed text, no traceback."""
+
+    def __init__(self, manager: _QuietServer, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._quiet = manager
+        self._counted = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._quiet.open >= _MAX_CONNECTIONS:
+            transport.close()  # over the cap: closed at once, nothing allocated
+            return
+        self._quiet.open += 1
+        self._counted = True
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if not self._counted:
+            return
+        self._quiet.open -= 1
+        self._counted = False
+        super().connection_lost(exc)
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        response = _plain(status, f"{status} {HTTPStatus(status).phrase}\n")
+        response.force_close()
+        return response
+
+
+class _QuietServer(web.Server):
+    def __init__(self, handler: Any, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.open = 0
+
+    def __call__(self) -> web.RequestHandler:
+        return _QuietRequestHandler(self, loop=self._loop, **self._kwargs)
 
 
 class FleetPage:
@@ -56,7 +115,7 @@ class FleetPage:
         self._events: deque[dict[str, Any]] = deque(maxlen=_EVENTS_KEPT)
         self._assets: dict[str, bytes] = {}
         self._rendered: tuple[float, bytes] | None = None
-        self._runner: web.AppRunner | None = None
+        self._runner: web.ServerRunner | None = None
 
     def record(self, event: FleetEvent) -> None:
         """Keep *event* for the page's list of the latest events."""
@@ -87,22 +146,39 @@ class FleetPage:
         Raises:
             OSError: the address cannot be bound.
         """
-        app = web.Application(handler_args={"max_field_size": 8190, "max_line_size": 8190})
-        app.router.add_get(FLEET_JSON_PATH, self._fleet_json)
-        for path in _ASSETS:
-            app.router.add_get(path, self._asset)
-        self._runner = web.AppRunner(app, access_log=None)
+        server = _QuietServer(
+            self._handle,
+            max_line_size=_MAX_HEADER_BYTES,
+            max_field_size=_MAX_HEADER_BYTES,
+            keepalive_timeout=_IDLE_SECONDS,  # also the time to send a whole request
+            access_log=None,
+        )
+        self._runner = web.ServerRunner(server, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, reuse_address=True)
-        await site.start()
+        site = web.TCPSite(self._runner, host, port)
+        try:
+            await site.start()
+        except OSError:
+            await self.stop()
+            raise
         return int(self._runner.addresses[0][1])
 
     async def stop(self) -> None:
         """Stop listening."""
         if self._runner is not None:
-            await self._runner.cleanup()
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
 
-    async def _fleet_json(self, request: web.Request) -> web.Response:
+    async def _handle(self, request: web.BaseRequest) -> web.Response:
+        if request.path != FLEET_JSON_PATH and request.path not in _ASSETS:
+            return _plain(404, "404 Not Found\n")
+        if request.method not in {"GET", "HEAD"}:
+            return _plain(405, "405 Method Not Allowed\n", Allow="GET, HEAD")
+        if request.path == FLEET_JSON_PATH:
+            return await self._fleet_json(request)
+        return await self._asset(request)
+
+    async def _fleet_json(self, request: web.BaseRequest) -> web.Response:
         now = time.monotonic()
         if self._rendered is None or now - self._rendered[0] >= _MIN_RENDER_SECONDS:
             self._rendered = (now, json.dumps(self.document()).encode())
@@ -111,7 +187,7 @@ class FleetPage:
             headers={**_HEADERS, "Content-Type": "application/json"},
         )
 
-    async def _asset(self, request: web.Request) -> web.Response:
+    async def _asset(self, request: web.BaseRequest) -> web.Response:
         file_name, content_type = _ASSETS[request.path]
         body = self._assets.get(file_name)
         if body is None:
