@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +31,22 @@ ROOT: Final = Path(__file__).resolve().parent.parent
 NAME: Final = "pets.fleet.test"
 DNSMASQ: Final = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
 _LISTENING: Final = re.compile(r"serving on (\S+):(\d+)")
+
+
+def port_free_on(hosts: Sequence[str]) -> int:
+    """A TCP port free on every one of *hosts* a moment ago (replicas share one port)."""
+    for _ in range(100):
+        with socket.socket() as probe:
+            probe.bind((hosts[0], 0))
+            port: int = probe.getsockname()[1]
+        try:
+            for host in hosts[1:]:
+                with socket.socket() as other:
+                    other.bind((host, port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError(f"no port free on all of {hosts}")
 
 
 def dns_answer(port: int, name: str = NAME) -> list[str]:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO, Any, Final
 
 import pytest
-from fleet_harness import NAME, ROOT, Dnsmasq, Replica, start_replica
+from fleet_harness import NAME, ROOT, Dnsmasq, Replica, port_free_on, start_replica
 from tcp_listener import TcpListener, free_port
 from test_tls import SERVER_EXTENSIONS, _issue, _make_ca
 
@@ -48,7 +48,7 @@ class Fleet:
 
     def __init__(self, directory: Path, dns: Dnsmasq) -> None:
         self.directory, self.dns = directory, dns
-        self.port = free_port()
+        self.port = port_free_on([f"127.0.0.{n}" for n in range(2, 6)])
         self.replicas: dict[str, Replica] = {}
         self.listeners: dict[str, TcpListener] = {}
 
