@@ -341,7 +341,7 @@ def run(replicas: int, transitions: int, idle_seconds: float, scratch: Path) -> 
     procs = Processes()
     fleet = _Fleet(procs, scratch, replicas)
     try:
-        with Dnsmasq(scratch, _free_port()) as dns:
+        with Dnsmasq(scratch) as dns:
             started = time.monotonic()
             for batch in range(0, replicas, _START_BATCH):
                 fleet.start(fleet.hosts[batch : batch + _START_BATCH])

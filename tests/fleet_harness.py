@@ -49,6 +49,21 @@ def port_free_on(hosts: Sequence[str]) -> int:
     raise RuntimeError(f"no port free on all of {hosts}")
 
 
+def dns_port() -> int:
+    """A port free for both UDP and TCP on 127.0.0.1 a moment ago (dnsmasq takes both)."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind(("127.0.0.1", 0))
+            port: int = udp.getsockname()[1]
+            try:
+                with socket.socket() as tcp:
+                    tcp.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no port free for UDP and TCP")
+
+
 def dns_answer(port: int, name: str = NAME) -> list[str]:
     """What the DNS server on 127.0.0.1:*port* answers for *name* (A records), sorted."""
     resolver = dns.resolver.Resolver(configure=False)
@@ -64,10 +79,10 @@ def dns_answer(port: int, name: str = NAME) -> list[str]:
 class Dnsmasq:
     """dnsmasq answering for :data:`NAME` from a hosts file; nothing forwarded anywhere."""
 
-    def __init__(self, directory: Path, port: int) -> None:
+    def __init__(self, directory: Path, port: int | None = None) -> None:
         if not Path(DNSMASQ).exists():
             raise RuntimeError("dnsmasq is missing: scripts/test installs dnsmasq-base")
-        self.port = port
+        self.port = port = dns_port() if port is None else port
         self.hosts = directory / "hosts"
         self.hosts.write_text("", encoding="utf-8")
         command = [

@@ -75,7 +75,7 @@ class Fleet:
 
 @pytest.fixture
 def dns(tmp_path: Path) -> Iterator[Dnsmasq]:
-    with Dnsmasq(tmp_path, free_port()) as running:
+    with Dnsmasq(tmp_path) as running:
         yield running
 
 
