@@ -270,7 +270,8 @@ class Fleet:
             replica = self._replicas.pop(address)
             if replica.task is not None:
                 replica.task.cancel()
-            self._emit("removed", address, "removed from DNS: no longer followed")
+            why = "beyond --max-replicas" if address in wanted else "removed from DNS"
+            self._emit("removed", address, f"{why}: no longer followed")
         for address in followed:
             if address not in self._replicas:
                 replica = self._replicas[address] = _Replica(address)
@@ -295,6 +296,8 @@ class Fleet:
                 reason = str(lost)
             except grpc.aio.AioRpcError as error:
                 reason = error.code().name
+            except Exception:  # noqa: BLE001 - a surprise on one replica must not end its follower
+                reason = "error"
             finally:
                 await channel.close(None)
             if replica.lost_since is None:
