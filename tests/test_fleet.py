@@ -352,10 +352,17 @@ def test_fleet_page_cannot_listen_says_so_in_one_line() -> None:
     assert len(ran.stderr.splitlines()) == 1
 
 
-def test_dns_server_target_without_the_extra_names_it() -> None:
+@pytest.mark.parametrize(
+    ("hidden", "argv"),
+    [
+        ("dns", ["status", "--discover", "dns://127.0.0.1/x.test:1"]),
+        ("aiohttp", ["fleet", "--discover", "127.0.0.2:1", "--http-port", "1"]),
+    ],
+)
+def test_without_the_fleet_extra_one_line_names_it(hidden: str, argv: list[str]) -> None:
     code = (
-        "import sys; sys.modules['dns'] = None; from petsage_grpc.cli._main import main; "
-        "sys.exit(main(['status', '--discover', 'dns://127.0.0.1/x.test:1']))"
+        f"import sys; sys.modules[{hidden!r}] = None; from petsage_grpc.cli._main import main; "
+        f"sys.exit(main({argv!r}))"
     )
     ran = subprocess.run(
         [sys.executable, "-c", code],
@@ -366,7 +373,7 @@ def test_dns_server_target_without_the_extra_names_it() -> None:
         check=False,
     )
     assert ran.returncode == 1, ran
-    assert "petsage-grpc[fleet]" in ran.stderr
+    assert "needs the 'fleet' extra: pip install 'petsage-grpc[fleet]'" in ran.stderr
     assert len(ran.stderr.splitlines()) == 1
 
 

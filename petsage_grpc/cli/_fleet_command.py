@@ -281,6 +281,11 @@ def run_fleet(argv: Sequence[str]) -> int:
         parser.error("--timeout must be greater than zero")
     if not 0 <= args.http_port < 65536:
         parser.error("--http-port must be between 0 and 65535")
+    from petsage_grpc._extras import missing_extra  # noqa: PLC0415
+
+    problem = missing_extra("fleet", feature="petsage-grpc fleet", modules=("aiohttp",))
+    if problem is not None:
+        parser.error(problem)
     options = _options(args, parser, timeout=timeout, token=token, user_agent="petsage-grpc-fleet")
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     try:

@@ -97,12 +97,6 @@ def parse_target(text: str) -> Target:
     return Target(text=text, host=host, port=port, dns=False)
 
 
-_MISSING_EXTRA: Final = (
-    "asking a DNS server by address needs the 'fleet' extra "
-    "(pip install 'petsage-grpc[fleet]'); dns:///NAME:PORT uses the system resolver"
-)
-
-
 def check_available(target: Target) -> None:
     """Fail now if resolving *target* needs what is not installed.
 
@@ -111,10 +105,11 @@ def check_available(target: Target) -> None:
     """
     if target.server is None:
         return
-    try:
-        import dns.asyncresolver  # noqa: F401, PLC0415 - optional: the fleet extra
-    except ImportError:
-        raise DiscoveryError(f"{target.text}: {_MISSING_EXTRA}") from None
+    from petsage_grpc._extras import missing_extra  # noqa: PLC0415
+
+    problem = missing_extra("fleet", feature=f"--discover {target.text}", modules=("dns",))
+    if problem is not None:
+        raise DiscoveryError(f"{problem} (dns:///NAME:PORT uses the system resolver)")
 
 
 def _join(host: str, port: int) -> str:
@@ -173,7 +168,8 @@ async def _ask_server(target: Target, server: tuple[str, int], limit: float) -> 
         import dns.exception  # noqa: PLC0415
         import dns.resolver  # noqa: PLC0415
     except ImportError:
-        raise DiscoveryError(f"{target.text}: {_MISSING_EXTRA}") from None
+        check_available(target)  # says which extra, when it is missing
+        raise DiscoveryError(f"{target.text}: dnspython cannot be loaded") from None
     resolver = dns.asyncresolver.Resolver(configure=False)
     resolver.nameservers = [server[0]]
     resolver.port = server[1]
