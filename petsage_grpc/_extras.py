@@ -18,6 +18,8 @@ _MODULES: Final[dict[str, tuple[str, ...]]] = {
     "redis": ("redis",),
     # The HTTP face (aiohttp, and prometheus-client for /metrics); http checks use aiohttp.
     "http": ("aiohttp", "prometheus_client"),
+    # The fleet page (aiohttp) and --discover dns://DNS-SERVER/ (dnspython).
+    "fleet": ("aiohttp", "dns"),
 }
 CHECK_KIND_EXTRAS: Final[dict[str, tuple[str, tuple[str, ...]]]] = {
     "postgres": ("postgres", ("asyncpg",)),

@@ -47,8 +47,9 @@ EXTRAS: Final = {
     "postgres": {"asyncpg"},
     "redis": {"redis"},
     "http": {"aiohttp", "prometheus-client"},
+    "fleet": {"aiohttp", "dnspython"},
 }
-OPTIONAL_MODULES: Final = ("asyncpg", "redis", "aiohttp", "prometheus_client")
+OPTIONAL_MODULES: Final = ("asyncpg", "redis", "aiohttp", "prometheus_client", "dns")
 HTTP_PORT_ERROR: Final = (
     "petsage-grpc serve: error: --http-port needs the 'http' extra: "
     "pip install 'petsage-grpc[http]'"
@@ -148,6 +149,7 @@ def test_the_sdist_builds_the_package_from_its_own_files(built: Built) -> None:
         names = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
     assert {"pyproject.toml", "README.md", "PKG-INFO", "petsage_grpc/py.typed"} <= names
     assert "petsage_grpc/server/status_page/index.html" in names
+    assert "petsage_grpc/fleet/page/index.html" in names
 
 
 def test_the_clean_environment_has_the_core_and_no_extra(built: Built) -> None:

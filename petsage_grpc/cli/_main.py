@@ -1,4 +1,4 @@
-"""Command line: ``petsage-grpc serve``, ``probe`` and ``status``.
+"""Command line: ``petsage-grpc serve``, ``probe``, ``status`` and ``fleet``.
 
 Kept free of grpc imports at module level: ``probe`` runs as a Kubernetes exec probe
 and must start fast, and ``serve`` should report a bad flag before loading anything.
@@ -195,6 +195,10 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
         from petsage_grpc.cli._status_command import run_status  # noqa: PLC0415
 
         return run_status(args[1:])
+    if args and args[0] == "fleet":
+        from petsage_grpc.cli._fleet_command import run_fleet  # noqa: PLC0415
+
+        return run_fleet(args[1:])
     from petsage_grpc.cli._parsing import EXIT_USAGE, LOG_FORMAT_ENV, Parser, valid_format  # noqa: PLC0415
 
     parser = Parser(
@@ -204,8 +208,9 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
     )
     parser.add_argument(
         "command",
-        choices=("serve", "probe", "status"),
-        help="serve; probe a server as grpc_health_probe does; show a server's status",
+        choices=("serve", "probe", "status", "fleet"),
+        help="serve; probe a server as grpc_health_probe does; show a server's status "
+        "(or a fleet's: status --discover); serve a fleet page",
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     parser.log_format = valid_format(environ.get(LOG_FORMAT_ENV)) or "text"
