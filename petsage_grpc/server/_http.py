@@ -43,7 +43,7 @@ from petsage_grpc.board._status import (
     ServingStatus,
     StatusBoard,
 )
-from petsage_grpc.server._logging import WarningTally
+from petsage_grpc.server._logging import WarningTally, component_states
 from petsage_grpc.server._metrics import Metrics
 from petsage_grpc.server._status_page import StatusPage
 from petsage_grpc.services._auth import BearerToken
@@ -250,6 +250,12 @@ class HttpFace:
                     lines.append(f"[+]{name} ok" if ok else f"[-]{name} failed")
                 if service == LIVENESS and self._heartbeat is not None:
                     lines.append(self._loop_line(self._heartbeat))
+                if service == LIVENESS:
+                    # Background parts (the connection shedder): never silent when they fail.
+                    for part, problem in sorted(component_states().items()):
+                        lines.append(
+                            f"[-]{part} failing: {problem}" if problem else f"[+]{part} ok"
+                        )
             lines.append(f"{request.path.strip('/')} {'ok' if serving else 'failed'}")
             return _plain(200 if serving else 503, "\n".join(lines) + "\n")
 
