@@ -938,7 +938,9 @@ def one_run(
     with contextlib.ExitStack() as stack:
         cgroup = None
         if memcg is not None:
-            cgroup = stack.enter_context(memcg.memory_cgroup(cgroup_limit, prefix=CGROUP_PREFIX))
+            cgroup = stack.enter_context(
+                memcg.memory_cgroup(cgroup_limit, prefix=f"{CGROUP_PREFIX}-{os.getpid()}")
+            )
             run.cgroup_limit_mib = cgroup_limit >> 20
         server = start_server(
             run.target,

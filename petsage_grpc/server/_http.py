@@ -58,6 +58,10 @@ _PROBES: Final = {"/livez": LIVENESS, "/readyz": READINESS, "/startupz": STARTUP
 # Probe and smoke test requests carry no body and short headers; refuse anything else.
 _MAX_BODY_BYTES: Final = 1024
 _MAX_HEADER_BYTES: Final = 1024
+_MAX_HEADERS: Final = 32
+"""Header fields per request (aiohttp's default: 128). A browser sends about 15, a probe
+3; 400 connections holding 126 headers of 1 KiB each took the server past 128 MiB (OOM
+kill), with 32 each holds at most ~33 KiB (docs/reliability.md)."""
 _JSON: Final = "application/json"
 _SMOKE_OK: Final = json.dumps({"status": "ok", "message": SMOKE_TEST_MESSAGE}).encode()
 _SMOKE_UNAVAILABLE: Final = json.dumps(
@@ -290,6 +294,7 @@ class HttpFace:
             limits=self._limits,
             max_line_size=_MAX_HEADER_BYTES,
             max_field_size=_MAX_HEADER_BYTES,
+            max_headers=_MAX_HEADERS,
             # aiohttp 3.10+ arms this timer when a connection opens and closes the
             # connection when it fires without a whole request: the header-read timeout.
             keepalive_timeout=self._limits.idle_seconds,

@@ -236,6 +236,7 @@ async def _assemble(options: ServeOptions, board: StatusBoard) -> _Assembly:
         shedder = ConnectionShedder(
             max_per_address=options.bounds.max_grpc_connections_per_address,
             memory_high_bytes=options.bounds.budget_mib * 2**20 * 8 // 10,
+            max_connections=options.bounds.max_grpc_connections,
         )
     metrics = http = None
     if options.http_port is not None:
@@ -270,7 +271,14 @@ async def _assemble(options: ServeOptions, board: StatusBoard) -> _Assembly:
     if metrics is not None:
         interceptors.append(metrics.interceptor)
     # The budget's caps belong to the main server; the probe listener keeps its own.
-    server = grpc.aio.server(options=server_options, interceptors=interceptors or None)
+    server = grpc.aio.server(
+        options=server_options,
+        interceptors=interceptors or None,
+        # Calls until done, not only until their message: a zero-window reader's.
+        maximum_concurrent_rpcs=(options.bounds.max_calls_in_flight or None)
+        if options.bounds is not None
+        else None,
+    )
     add_to_server(
         server,
         board=board,

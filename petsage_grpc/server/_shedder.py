@@ -44,8 +44,9 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from petsage_grpc.server._guard import PAGE_SIZE, rss_bytes
+from petsage_grpc.server._logging import WarningTally, set_component_state
 
-__all__ = ["ConnectionShedder"]
+__all__ = ["Connection", "ConnectionShedder", "Decision", "Policy", "decide"]
 
 _log = logging.getLogger("petsage_grpc.server")
 _FDS: Final = "/proc/self/fd"
@@ -62,10 +63,13 @@ _MIN_FLOOD_BYTES: Final = 64 * 1024
 """Bytes a connection must have received since the last look to be a flood at all."""
 _FLOOD_LOOKS: Final = 2
 _REPORT_EVERY: Final = 60.0
+_COMPONENT: Final = "connection-shedder"
 
 
 @dataclass
-class _Connection:
+class Connection:
+    """What the shedder keeps about one main-port connection (by socket inode)."""
+
     fd: int
     peer: str
     first_seen: float
@@ -73,6 +77,123 @@ class _Connection:
     bytes_acked: int = -1
     flooding: int = 0
     """Looks in a row at which it received like a flood."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Policy:
+    """What the shedder closes (the arguments of :class:`ConnectionShedder`)."""
+
+    max_per_address: int
+    max_connections: int | None = None
+    """Main-port connections in all; beyond, the newest of the most crowded address go."""
+    fast_bytes_per_second: int = 256 * 1024
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Connections (by socket inode) to close, by reason; whether the port is full."""
+
+    over_cap: frozenset[int] = frozenset()
+    over_total: frozenset[int] = frozenset()
+    floods: frozenset[int] = frozenset()
+    full: bool = False
+    """The main port holds *max_connections* or more."""
+
+    @property
+    def shed(self) -> frozenset[int]:
+        return self.over_cap | self.over_total | self.floods
+
+
+def decide(
+    connections: dict[int, Connection],
+    counters: dict[int, tuple[int, int]] | None,
+    policy: Policy,
+    *,
+    elapsed: float,
+    any_fast: bool = False,
+) -> Decision:
+    """The shedder's policy, without I/O: which of *connections* to close.
+
+    *connections* maps socket inodes to what the shedder keeps about each; *counters*
+    holds each one's (bytes sent and acknowledged, bytes received) now, or is None when
+    floods are not being sought. Updates each connection's byte counters and flood streak.
+    """
+    over_cap = _over_cap(connections, policy.max_per_address)
+    over_total: set[int] = set()
+    full = False
+    if policy.max_connections is not None:
+        left = {i: c for i, c in connections.items() if i not in over_cap}
+        full = len(left) >= policy.max_connections
+        over_total = _over_total(left, policy.max_connections)
+    floods: set[int] = set()
+    if counters is not None:
+        floods = _floods(connections, counters, policy, elapsed=elapsed, any_fast=any_fast)
+        floods -= over_cap | over_total
+    return Decision(frozenset(over_cap), frozenset(over_total), frozenset(floods), full)
+
+
+def _over_cap(connections: dict[int, Connection], cap: int) -> set[int]:
+    """The newest connections of every peer address beyond *cap*."""
+    counts = Counter(c.peer for c in connections.values())
+    crowded = {peer for peer, count in counts.items() if count > cap}
+    shed: set[int] = set()
+    for peer in crowded:
+        mine = sorted(
+            (i for i, c in connections.items() if c.peer == peer),
+            key=lambda i: (connections[i].first_seen, i),
+        )
+        shed.update(mine[cap:])
+    return shed
+
+
+def _over_total(connections: dict[int, Connection], cap: int) -> set[int]:
+    """Beyond *cap* in all: the newest of whichever address holds the most, one at a time.
+
+    A client with one connection (a probe) is the last ever chosen.
+    """
+    excess = len(connections) - cap
+    if excess <= 0:
+        return set()
+    by_peer: dict[str, list[int]] = {}
+    for inode in sorted(connections, key=lambda i: (connections[i].first_seen, i)):
+        by_peer.setdefault(connections[inode].peer, []).append(inode)
+    shed: set[int] = set()
+    for _ in range(excess):
+        peer = max(by_peer, key=lambda p: len(by_peer[p]))
+        shed.add(by_peer[peer].pop())
+    return shed
+
+
+def _floods(
+    connections: dict[int, Connection],
+    counters: dict[int, tuple[int, int]],
+    policy: Policy,
+    *,
+    elapsed: float,
+    any_fast: bool,
+) -> set[int]:
+    """Connections receiving fast and answered little (any fast one if *any_fast*)."""
+    limit = max(policy.fast_bytes_per_second * elapsed, _MIN_FLOOD_BYTES)
+    fast: set[int] = set()
+    for inode, connection in connections.items():
+        if inode not in counters:
+            continue
+        acked, received = counters[inode]
+        # At the first look, everything the connection ever received counts.
+        sent_since = acked - max(connection.bytes_acked, 0)
+        received_since = received - max(connection.bytes_received, 0)
+        connection.bytes_acked, connection.bytes_received = acked, received
+        # A client whose calls are answered gets about as much back as it sends; a flood
+        # of headers that never end, or of streams reset at once, gets next to nothing.
+        # Two looks in a row: a burst of new calls that the server has not answered yet
+        # (watchers reconnecting after a deploy) is one look.
+        if received_since > limit and (any_fast or sent_since * 8 < received_since):
+            connection.flooding += 1
+        else:
+            connection.flooding = 0
+        if connection.flooding >= _FLOOD_LOOKS:
+            fast.add(inode)
+    return fast
 
 
 def _peer_host(address: Any) -> str:
@@ -91,6 +212,13 @@ class ConnectionShedder:
         memory_rising_ratio: RSS, as a multiple of the RSS at :meth:`start`, above which
             (or while the process uses over half a core) connections receiving that fast
             but sent next to nothing are closed.
+        max_connections: the port's connections in all; beyond, the newest of the
+            address holding the most are closed, and a full port is a counted warning.
+            Set it below grpc core's own cap so that a new probe is still accepted.
+
+    An unexpected error in its thread is logged (its type, no traceback), counted
+    (``petsage_grpc_warnings_total``), shown by ``/livez?verbose`` as
+    ``[-]connection-shedder failing``, and the thread tries again every second.
     """
 
     def __init__(
@@ -100,14 +228,22 @@ class ConnectionShedder:
         memory_high_bytes: int,
         memory_rising_ratio: float = 1.15,
         fast_bytes_per_second: int = 256 * 1024,
+        max_connections: int | None = None,
     ) -> None:
         self._port = 0
+        self._policy = Policy(
+            max_per_address=max_per_address,
+            max_connections=max_connections,
+            fast_bytes_per_second=fast_bytes_per_second,
+        )
         self._max_per_address = max_per_address
         self._memory_high = memory_high_bytes
         self._rising_ratio = memory_rising_ratio
         self._memory_rising = memory_high_bytes
         self._fast = fast_bytes_per_second
-        self._known: dict[int, _Connection | None] = {}  # socket inode -> connection
+        self._closed_over_total = 0
+        self._tally = WarningTally(_log, "gRPC main port")
+        self._known: dict[int, Connection | None] = {}  # socket inode -> connection
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed_over_cap = 0
@@ -122,12 +258,17 @@ class ConnectionShedder:
         """Start watching the connections accepted on *port*, on a daemon thread."""
         self._port = port
         self._memory_rising = min(self._memory_high, int(rss_bytes() * self._rising_ratio))
+        set_component_state(_COMPONENT, None)
         self._thread = threading.Thread(target=self._run, name="petsage-shedder", daemon=True)
         self._thread.start()
 
     def counts(self) -> dict[str, int]:
-        """Connections closed since start, by reason (``address_cap``, ``flood``)."""
-        return {"address_cap": self._closed_over_cap, "flood": self._closed_floods}
+        """Connections closed since start, by reason: address_cap, total_cap, flood."""
+        return {
+            "address_cap": self._closed_over_cap,
+            "total_cap": self._closed_over_total,
+            "flood": self._closed_floods,
+        }
 
     def stop(self) -> None:
         """Stop watching (returns once the thread has ended)."""
@@ -150,16 +291,22 @@ class ConnectionShedder:
             elapsed, last = now - last, now
             try:
                 state = self._tick(now, elapsed)
-            except (OSError, ValueError) as error:  # /proc unreadable: try again later
+            except Exception as error:  # noqa: BLE001 - never silent, never fatal: retried
+                self._tally.add("connection shedder error")
                 if not self._failed:
                     self._failed = True
+                    set_component_state(_COMPONENT, type(error).__name__)
                     _log.warning(
-                        "cannot look at connections (%s); trying again every second",
+                        "the connection shedder failed (%s); trying again every second",
                         type(error).__name__,
                         extra={"event": "shedder_error"},
                     )
                 tick = 1.0
                 continue
+            if self._failed:
+                self._failed = False
+                set_component_state(_COMPONENT, None)
+                _log.info("the connection shedder works again", extra={"event": "shedder_ok"})
             tick = _TICKS[state]
 
     def _tick(self, now: float, elapsed: float) -> str:
@@ -177,20 +324,30 @@ class ConnectionShedder:
                 self._known.clear()
                 return "quiet"
         connections = self._connections(os.listdir(_FDS), now)
-        shed = self._over_cap(connections)
+        counters = None
         if watching:
-            floods = self._floods(connections, elapsed, any_fast=high) - shed
-            self._closed_floods += len(floods)
-            shed |= floods
+            counters = {}
+            for inode, connection in connections.items():
+                counts = self._byte_counts(connection.fd, inode)
+                if counts is not None:
+                    counters[inode] = counts
+        decision = decide(connections, counters, self._policy, elapsed=elapsed, any_fast=high)
+        self._closed_over_cap += len(decision.over_cap)
+        self._closed_over_total += len(decision.over_total)
+        self._closed_floods += len(decision.floods)
+        if decision.full:
+            # grpc core closes a connection beyond its own cap unseen and unlogged.
+            self._tally.add("at its connection cap")
+        shed = decision.shed
         for inode in shed:
             self._shutdown(inode, connections[inode].fd)
         self._report(now)
         suspects = any(c.flooding for c in connections.values())
         return "shedding" if shed or suspects else "watching"
 
-    def _connections(self, names: list[str], now: float) -> dict[int, _Connection]:
+    def _connections(self, names: list[str], now: float) -> dict[int, Connection]:
         """The main port's connections, by socket inode (new ones looked at once)."""
-        found: dict[int, _Connection] = {}
+        found: dict[int, Connection] = {}
         seen: set[int] = set()
         known = self._known
         for name in names:
@@ -212,7 +369,7 @@ class ConnectionShedder:
             del known[inode]
         return found
 
-    def _identify(self, fd: int, inode: int, now: float) -> _Connection | None:
+    def _identify(self, fd: int, inode: int, now: float) -> Connection | None:
         """A connection accepted on the main port, or None for any other socket."""
         with _duplicate(fd, inode) as sock:
             if sock is None:
@@ -228,47 +385,7 @@ class ConnectionShedder:
                 peer = _peer_host(sock.getpeername())
             except OSError:  # the listener (no peer), or gone meanwhile
                 return None
-            return _Connection(fd=fd, peer=peer, first_seen=now)
-
-    def _over_cap(self, connections: dict[int, _Connection]) -> set[int]:
-        counts = Counter(c.peer for c in connections.values())
-        crowded = {peer for peer, count in counts.items() if count > self._max_per_address}
-        shed: set[int] = set()
-        for peer in crowded:
-            mine = sorted(
-                (i for i, c in connections.items() if c.peer == peer),
-                key=lambda i: (connections[i].first_seen, i),
-            )
-            shed.update(mine[self._max_per_address :])
-        self._closed_over_cap += len(shed)
-        return shed
-
-    def _floods(
-        self, connections: dict[int, _Connection], elapsed: float, *, any_fast: bool
-    ) -> set[int]:
-        """Connections receiving fast and answered little (any fast one if *any_fast*)."""
-        limit = max(self._fast * elapsed, _MIN_FLOOD_BYTES)
-        fast: set[int] = set()
-        for inode, connection in connections.items():
-            counts = self._byte_counts(connection.fd, inode)
-            if counts is None:
-                continue
-            acked, received = counts
-            # At the first look, everything the connection ever received counts.
-            sent_since = acked - max(connection.bytes_acked, 0)
-            received_since = received - max(connection.bytes_received, 0)
-            connection.bytes_acked, connection.bytes_received = acked, received
-            # A client whose calls are answered gets about as much back as it sends;
-            # a flood of headers that never end, or of streams reset at once, gets
-            # next to nothing. Two looks in a row: a burst of new calls that the server
-            # has not answered yet (watchers reconnecting after a deploy) is one look.
-            if received_since > limit and (any_fast or sent_since * 8 < received_since):
-                connection.flooding += 1
-            else:
-                connection.flooding = 0
-            if connection.flooding >= _FLOOD_LOOKS:
-                fast.add(inode)
-        return fast
+            return Connection(fd=fd, peer=peer, first_seen=now)
 
     @staticmethod
     def _byte_counts(fd: int, inode: int) -> tuple[int, int] | None:
@@ -294,7 +411,7 @@ class ConnectionShedder:
 
     def _report(self, now: float) -> None:
         """One warning when shedding starts, then one a minute while it goes on, with counts."""
-        counts = (self._closed_over_cap, self._closed_floods)
+        counts = (self._closed_over_cap + self._closed_over_total, self._closed_floods)
         if counts == self._reported:
             return
         if any(self._reported) and now - self._reported_at < _REPORT_EVERY:
@@ -303,8 +420,9 @@ class ConnectionShedder:
         floods = counts[1] - self._reported[1]
         self._reported, self._reported_at = counts, now
         _log.warning(
-            "closed %d gRPC connections over the %d-per-address cap and %d flooding ones "
-            "(receiving over %d KiB/s, answered next to nothing, while memory grew)",
+            "closed %d gRPC connections over the %d-per-address or the total cap and %d "
+            "flooding ones (receiving over %d KiB/s, answered next to nothing, while memory "
+            "grew)",
             over_cap,
             self._max_per_address,
             floods,
