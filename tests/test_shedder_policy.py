@@ -4,13 +4,26 @@ thread's errors made visible."""
 from __future__ import annotations
 
 import logging
+import os
+import select
+import socket
 import threading
+import time
+from collections.abc import Iterator
+from typing import Final
 
 import pytest
 from hardening import wait_until
 
+from petsage_grpc.server import _shedder as shedder_module
 from petsage_grpc.server._logging import component_states, warning_counts
-from petsage_grpc.server._shedder import Connection, ConnectionShedder, Policy, decide
+from petsage_grpc.server._shedder import (
+    Connection,
+    ConnectionShedder,
+    Policy,
+    _SockDiag,
+    decide,
+)
 
 POLICY = Policy(max_per_address=3, max_connections=8, fast_bytes_per_second=256 * 1024)
 
@@ -129,3 +142,84 @@ def test_an_unexpected_error_in_the_thread_is_logged_counted_and_shown(
         assert "the connection shedder works again" in caplog.text
     finally:
         shedder.stop()
+
+
+SOURCE: Final = f"127.0.3.{os.getpid() % 250 + 1}"
+"""The clients' own loopback address: the kernel's list is the whole network namespace's."""
+
+
+@pytest.fixture
+def accepted() -> Iterator[tuple[int, list[socket.socket], list[socket.socket]]]:
+    """A loopback listener's port, three client sockets (from SOURCE) and their accepted ends."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        port = listener.getsockname()[1]
+        clients = [
+            socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(SOURCE, 0))
+            for _ in range(3)
+        ]
+        servers = [listener.accept()[0] for _ in range(3)]
+        try:
+            yield port, clients, servers
+        finally:
+            for sock in clients + servers:
+                sock.close()
+
+
+def test_the_kernel_lists_the_ports_sockets_with_peers_and_byte_counts(
+    accepted: tuple[int, list[socket.socket], list[socket.socket]],
+) -> None:
+    port, clients, servers = accepted
+    clients[0].sendall(b"x" * 1000)
+    assert servers[0].recv(4096, socket.MSG_PEEK)
+    try:
+        diag = _SockDiag()
+    except OSError as error:
+        pytest.skip(f"no sock_diag netlink here: {error}")
+    try:
+        wait_until(
+            lambda: diag.sockets(port).get(_inode(servers[0]), ("", 0, 0))[2] >= 1000, "bytes"
+        )
+        found = diag.sockets(port)
+    finally:
+        diag.close()
+    # Another process's socket on the same port may be listed too (a shared namespace).
+    assert {_inode(s) for s in servers} <= set(found)
+    assert {found[_inode(s)][0] for s in servers} == {SOURCE}
+
+
+def test_over_its_cap_an_address_loses_its_newest_through_the_kernels_list(
+    accepted: tuple[int, list[socket.socket], list[socket.socket]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The sock_diag path (used above 1,000 descriptors) finds the descriptor to shut down."""
+    port, clients, _ = accepted
+    monkeypatch.setattr(shedder_module, "_DIAG_ABOVE", 0)
+    shedder = ConnectionShedder(max_per_address=1, memory_high_bytes=1 << 40)
+    try:
+        shedder._diag = _SockDiag()
+    except OSError as error:
+        pytest.skip(f"no sock_diag netlink here: {error}")
+    shedder._port = port
+    shedder._statm = os.open("/proc/self/statm", os.O_RDONLY)
+    try:
+        shedder._tick(time.monotonic(), 0.1)
+    finally:
+        os.close(shedder._statm)
+        shedder._diag.close()
+    assert shedder.counts()["address_cap"] == 2
+    ended: set[int] = set()
+
+    def two_ended() -> bool:
+        readable, _, _ = select.select([c for c in clients if id(c) not in ended], [], [], 0.1)
+        ended.update(id(c) for c in readable if c.recv(1) == b"")
+        return len(ended) >= 2
+
+    # Every connection is equally new at the first look: two of the three are shut down.
+    wait_until(two_ended, "two connections shut down")
+    assert len(ended) == 2
+
+
+def _inode(sock: socket.socket) -> int:
+    return os.fstat(sock.fileno()).st_ino
