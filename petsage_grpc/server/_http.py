@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -58,6 +59,10 @@ _PROBES: Final = {"/livez": LIVENESS, "/readyz": READINESS, "/startupz": STARTUP
 # Probe and smoke test requests carry no body and short headers; refuse anything else.
 _MAX_BODY_BYTES: Final = 1024
 _MAX_HEADER_BYTES: Final = 1024
+_RECEIVE_BUFFER: Final = 16 * 1024
+"""The kernel's receive buffer per HTTP connection (it doubles it; Linux's default grows to
+6 MiB): with 400 connections pushing 126 KB of headers each, the kernel's buffers and
+aiohttp's reads took the server past its 128 MiB limit (docs/reliability.md)."""
 _MAX_HEADERS: Final = 32
 """Header fields per request (aiohttp's default: 128). A browser sends about 15, a probe
 3; 400 connections holding 126 headers of 1 KiB each took the server past 128 MiB (OOM
@@ -127,6 +132,10 @@ class _QuietRequestHandler(web.RequestHandler):
                 transport.close()
             return
         self._peer = address
+        if isinstance(getattr(transport, "max_size", None), int):
+            # asyncio reads up to 256 KiB at a time into a fresh bytes object: 400
+            # connections pushing headers took 480 KiB each. A request here is small.
+            transport.max_size = _RECEIVE_BUFFER  # type: ignore[attr-defined]
         super().connection_made(transport)
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -308,6 +317,11 @@ class HttpFace:
         except OSError:
             await self.stop()
             raise
+        # Accepted connections inherit the listener's receive buffer: what a client can
+        # push at the server before aiohttp has read (and refused) its headers.
+        listening = getattr(getattr(site, "_server", None), "sockets", ())
+        for sock in listening:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RECEIVE_BUFFER)
         bound = port
         for address in self._runner.addresses:
             bound = int(address[1])
