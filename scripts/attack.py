@@ -39,14 +39,32 @@ Attacks:
   a whole TLS handshake over ``tls``), held.
 - ``idle-tls`` (``tls`` only): connections to the gRPC port that send half a TLS
   ClientHello, held.
+- ``zero-window``: SETTINGS_INITIAL_WINDOW_SIZE 0, then complete Check calls whose
+  answers can never leave; ``zero-window-reflection``: the same with reflection
+  ``file_containing_symbol``.
+- ``hpack-refs``: a 4 KB dynamic-table entry, then header blocks of ~16,000 one-byte
+  references to it; ``hpack-fields``: header blocks of 10,000 tiny literal fields.
+- ``unread-data``: 20 Watch streams per connection, then DATA into them the server never
+  reads, 200 KB/s per connection.
+- ``idle-many``: whole HTTP/2 connections held idle, 700 from 10 addresses (at 4).
+- ``http-headers``: HTTP port, 126 headers of 1 KB that never end, 400 connections from 5
+  addresses (at 4).
+- ``reset-storm``: one zero-window Check, reset, connection dropped, reconnecting.
+- ``gzip-bomb``: Check calls whose 16 KiB gzip message inflates to 16 MB.
 
-``idle-http`` runs over ``plaintext`` only (the HTTP port has no TLS), ``idle-tls`` over
-``tls`` only. Every loop is bounded in time; the network is loopback only. Prints one line
-per run and, with ``--json``, writes every figure (``--table`` prints such a file as the
-Markdown table of docs/reliability.md). Exit status: 0 when every run finished (whatever
-its figures: they are reported, not judged), 1 when the server died, 2 on bad arguments
-(also when no attack applies to the transports chosen, or ``tls`` is asked for and the
-``openssl`` command is missing).
+``--cgroup SIZE`` (default: the manifest's 128Mi where a memory cgroup can be made, i.e.
+as root; ``off``) runs each server in a fresh memory cgroup of that limit
+(``scripts/memcg.py``) and reports the kernel's OOM kills and the cgroup's peak charge.
+``--sources N`` spreads the attack's connections over N loopback source addresses
+(127.0.1.x; default per attack: 10 for ``idle-many``, 5 for ``http-headers``, else 1).
+
+``idle-http`` and ``http-headers`` run over ``plaintext`` only (the HTTP port has no TLS),
+``idle-tls`` over ``tls`` only. Every loop is bounded in time; the network is loopback
+only. Prints one line per run and, with ``--json``, writes every figure (``--table``
+prints such a file as the Markdown table of docs/reliability.md). Exit status: 0 when
+every run finished (whatever its figures: they are reported, not judged), 1 when the
+server died, 2 on bad arguments (also when no attack applies to the transports chosen, or
+``tls`` is asked for and the ``openssl`` command is missing).
 """
 
 from __future__ import annotations
