@@ -425,17 +425,18 @@ class ConnectionShedder:
             return "quiet"
         connections, counters = self._look(now, watching=watching, descriptors=count)
         decision = decide(connections, counters, self._policy, elapsed=elapsed, any_fast=high)
-        self._closed_over_cap += len(decision.over_cap)
-        self._closed_over_total += len(decision.over_total)
-        self._closed_floods += len(decision.floods)
         if decision.full:
             # grpc core closes a connection beyond its own cap unseen and unlogged.
             self._tally.add("at its connection cap")
         shed = decision.shed
         if any(connections[inode].fd < 0 for inode in shed):
             self._find_descriptors({i: connections[i] for i in shed})
-        for inode in shed:
-            self._shutdown(inode, connections[inode].fd)
+        # Counted when shut down: a socket the kernel listed may be gone meanwhile, or
+        # (in a network namespace shared with other processes) not this process's.
+        done = {inode for inode in shed if self._shutdown(inode, connections[inode].fd)}
+        self._closed_over_cap += len(decision.over_cap & done)
+        self._closed_over_total += len(decision.over_total & done)
+        self._closed_floods += len(decision.floods & done)
         self._report(now)
         suspects = any(c.flooding for c in connections.values())
         return "shedding" if shed or suspects else "watching"
@@ -553,13 +554,18 @@ class ConnectionShedder:
         return int(acked), int(received)
 
     @staticmethod
-    def _shutdown(inode: int, fd: int) -> None:
+    def _shutdown(inode: int, fd: int) -> bool:
+        """Shut the socket *inode* down through a duplicate of *fd*; whether it was."""
         if fd < 0:
-            return  # gone before it was found
+            return False  # not found among this process's descriptors
         with _duplicate(fd, inode) as sock:
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
+            if sock is None:
+                return False
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                return False
+            return True
 
     def _report(self, now: float) -> None:
         """One warning when shedding starts, then one a minute while it goes on, with counts."""
