@@ -91,6 +91,18 @@ def resolve_budget(mib: int | None = None) -> MemoryBudget:
     return MemoryBudget(limit.limit_bytes >> 20, "container", limit.source)
 
 
+IN_FLIGHT_CALL_KIB: Final = 36
+"""RSS per unary call held until done, its answer unsent (zero-window readers: 2,320 held
+calls took 80 MiB, ~35 KiB each)."""
+CONNECTION_HEADROOM: Final = 0.25
+"""grpc core's connection cap is this much above the shedder's, so that a new probe is
+accepted (and the crowded address's newest closed) while the port is full and closed
+connections reconnect at once (with 32 more, under contention 0-1 of 10 probes got in)."""
+STREAM_WINDOW_BYTES: Final = 64 * 1024
+"""Bytes a stream may send the server before it reads them: four of the largest request
+(16 KiB; grpc core's window grows to 4 MiB per stream with BDP probing)."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class Bounds:
     """The caps of one server, derived from its memory budget (:func:`derive_bounds`)."""
@@ -103,6 +115,8 @@ class Bounds:
     max_grpc_connections_per_address: int
     max_streams_per_connection: int
     watermark_mib: int
+    max_calls_in_flight: int = 0
+    """Calls of every kind until done (``maximum_concurrent_rpcs``); 0: no cap."""
 
     def grpc_options(self) -> tuple[tuple[str, int], ...]:
         """Channel arguments for the main server's ``grpc.aio.server`` (after SERVER_OPTIONS)."""
@@ -117,8 +131,16 @@ class Bounds:
                 self.max_watch_streams + self.max_calls_awaiting_request,
             ),
             ("grpc.max_concurrent_streams", self.max_streams_per_connection),
-            # Beyond it grpc core closes a new connection as soon as it is accepted.
-            ("grpc.max_allowed_incoming_connections", self.max_grpc_connections),
+            # Beyond it grpc core closes a new connection as soon as it is accepted, unseen;
+            # the shedder's cap (max_grpc_connections) is below it and is seen.
+            (
+                "grpc.max_allowed_incoming_connections",
+                int(self.max_grpc_connections * (1 + CONNECTION_HEADROOM)),
+            ),
+            # Bytes accepted but not read: no BDP probing (it grows every stream's window
+            # to 4 MiB), a fixed window per stream instead.
+            ("grpc.http2.bdp_probe", 0),
+            ("grpc.http2.lookahead_bytes", STREAM_WINDOW_BYTES),
         )
 
     @property
@@ -180,7 +202,9 @@ def derive_bounds(
     connections = max(64, int(spare_kib * 0.15) // GRPC_CONNECTION_KIB)
     # Descriptors: the gRPC and HTTP caps, plus a reserve, fit under the process limit,
     # so that accept() never fails with EMFILE and a probe can always connect.
-    connections = min(connections, _open_files_limit() - HTTP_CONNECTIONS - FD_RESERVE)
+    # grpc core's own cap, above this one, too.
+    descriptors = _open_files_limit() - HTTP_CONNECTIONS - FD_RESERVE
+    connections = min(connections, int(descriptors / (1 + CONNECTION_HEADROOM)))
     return Bounds(
         budget=budget,
         max_watch_streams=watch,
@@ -192,4 +216,8 @@ def derive_bounds(
         # client waits for a stream (HTTP/2 flow of MAX_CONCURRENT_STREAMS).
         max_streams_per_connection=per_connection + 20,
         watermark_mib=mib * WATERMARK_PERCENT // 100,
+        # Calls of every kind until done: a zero-window reader holds each unary call it
+        # makes until its connection goes, at ~36 KiB. Every Watch stream and waiting call
+        # the budget holds, but never more such calls than 90 % of the spare memory holds.
+        max_calls_in_flight=min(watch + waiting, int(spare_kib * 0.9) // IN_FLIGHT_CALL_KIB),
     )

@@ -19,6 +19,7 @@ from petsage_grpc.board._check import CHECK_PREFIX
 from petsage_grpc.board._heartbeat import LoopHeartbeat
 from petsage_grpc.board._monitor import HealthMonitor
 from petsage_grpc.board._status import ServingStatus, StatusBoard
+from petsage_grpc.server._logging import warning_counts
 
 __all__ = ["Metrics"]
 
@@ -86,6 +87,15 @@ class _StateCollector(Collector):
             for reason, count in sorted(self._closed_connections().items()):
                 closed.add_metric([reason], count)
             yield closed
+        counted = CounterMetricFamily(
+            "petsage_grpc_warnings",
+            "Events logged as one rate-limited warning line per kind (what clients did, a "
+            "full connection cap, a background part's errors), by kind.",
+            labels=["kind"],
+        )
+        for kind, count in sorted(warning_counts().items()):
+            counted.add_metric([kind], count)
+        yield counted
         if self._monitor is None or not self._with_checks:
             return
         duration = GaugeMetricFamily(

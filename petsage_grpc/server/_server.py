@@ -259,6 +259,7 @@ def _defences(
         shedder = ConnectionShedder(
             max_per_address=bounds.max_grpc_connections_per_address,
             memory_high_bytes=bounds.release_mib * 2**20,
+            max_connections=bounds.max_grpc_connections,
         )
     return guard, shedder
 
@@ -326,7 +327,12 @@ async def _assemble(
     if metrics is not None:
         interceptors.append(metrics.interceptor)
     # The budget's caps belong to the main server; the probe listener keeps its own.
-    server = grpc.aio.server(options=server_options(bounds), interceptors=interceptors or None)
+    server = grpc.aio.server(
+        options=server_options(bounds),
+        interceptors=interceptors or None,
+        # Calls until done, not only until their message: a zero-window reader's.
+        maximum_concurrent_rpcs=bounds.max_calls_in_flight or None,
+    )
     add_to_server(
         server,
         board=board,
