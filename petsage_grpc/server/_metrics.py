@@ -19,6 +19,7 @@ from petsage_grpc.board._check import CHECK_PREFIX
 from petsage_grpc.board._heartbeat import LoopHeartbeat
 from petsage_grpc.board._monitor import HealthMonitor
 from petsage_grpc.board._status import ServingStatus, StatusBoard
+from petsage_grpc.server._logging import warning_counts
 
 __all__ = ["Metrics"]
 
@@ -35,9 +36,11 @@ class _StateCollector(Collector):
         with_checks: bool,
         closed_connections: Callable[[], Mapping[str, int]] | None = None,
         probe_refusals: Callable[[], Mapping[str, int]] | None = None,
+        memory_budget: tuple[int, str] | None = None,
     ) -> None:
         self._closed_connections = closed_connections
         self._probe_refusals = probe_refusals
+        self._memory_budget = memory_budget
         self._board = board
         self._monitor = monitor
         self._heartbeat = heartbeat
@@ -66,6 +69,15 @@ class _StateCollector(Collector):
                 "(liveness then reports NOT_SERVING).",
                 value=self._heartbeat.stalls,
             )
+        if self._memory_budget is not None:
+            budget = GaugeMetricFamily(
+                "petsage_grpc_memory_budget_bytes",
+                "The memory budget every cap is derived from, by where it came from "
+                "(configured, container, default).",
+                labels=["source"],
+            )
+            budget.add_metric([self._memory_budget[1]], self._memory_budget[0])
+            yield budget
         if self._closed_connections is not None:
             closed = CounterMetricFamily(
                 "petsage_grpc_connections_closed",
@@ -87,6 +99,15 @@ class _StateCollector(Collector):
             for reason, count in sorted(self._probe_refusals().items()):
                 refused.add_metric([reason], count)
             yield refused
+        counted = CounterMetricFamily(
+            "petsage_grpc_warnings",
+            "Events logged as one rate-limited warning line per kind (what clients did, a "
+            "full connection cap, a background part's errors), by kind.",
+            labels=["kind"],
+        )
+        for kind, count in sorted(warning_counts().items()):
+            counted.add_metric([kind], count)
+        yield counted
         if self._monitor is None or not self._with_checks:
             return
         duration = GaugeMetricFamily(
@@ -224,7 +245,9 @@ class Metrics:
         heartbeat: LoopHeartbeat | None = None,
         closed_connections: Callable[[], Mapping[str, int]] | None = None,
         probe_refusals: Callable[[], Mapping[str, int]] | None = None,
+        memory_budget: tuple[int, str] | None = None,
     ) -> None:
+        """*memory_budget*: (bytes, source) for ``petsage_grpc_memory_budget_bytes``."""
         self.registry = CollectorRegistry()
         """Everything, check names included."""
         self._public = CollectorRegistry()
@@ -237,6 +260,7 @@ class Metrics:
                     with_checks=with_checks,
                     closed_connections=closed_connections,
                     probe_refusals=probe_refusals,
+                    memory_budget=memory_budget,
                 )
             )
         self.interceptor: grpc.aio.ServerInterceptor = _RpcCounter(self.registry, self._public)
