@@ -89,16 +89,7 @@ class _StateCollector(Collector):
             for reason, count in sorted(self._closed_connections().items()):
                 closed.add_metric([reason], count)
             yield closed
-        if self._probe_refusals is not None:
-            refused = CounterMetricFamily(
-                "petsage_grpc_probe_port_refused",
-                "Connections and calls the probe port refused or closed, by reason "
-                "(ProbeListener.refusals: caps, deadline, header list, streams, Watch cap, ...).",
-                labels=["reason"],
-            )
-            for reason, count in sorted(self._probe_refusals().items()):
-                refused.add_metric([reason], count)
-            yield refused
+        yield from self._probe_port()
         counted = CounterMetricFamily(
             "petsage_grpc_warnings",
             "Events logged as one rate-limited warning line per kind (what clients did, a "
@@ -154,6 +145,20 @@ class _StateCollector(Collector):
             timeout.add_metric(labels, state.check.timeout)
             changes.add_metric(labels, state.flips)
         yield from (duration, failures, last_success, serving_check, timeout, changes)
+
+    def _probe_port(self) -> Iterator[Metric]:
+        """The probe port's refusals by reason, when there is a probe port."""
+        if self._probe_refusals is None:
+            return
+        refused = CounterMetricFamily(
+            "petsage_grpc_probe_port_refused",
+            "Connections and calls the probe port refused or closed, by reason "
+            "(ProbeListener.refusals: caps, deadline, header list, streams, Watch cap, ...).",
+            labels=["reason"],
+        )
+        for reason, count in sorted(self._probe_refusals().items()):
+            refused.add_metric([reason], count)
+        yield refused
 
 
 class _RpcCounter(grpc.aio.ServerInterceptor):
