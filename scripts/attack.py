@@ -51,6 +51,10 @@ Attacks:
   addresses (at 4).
 - ``reset-storm``: one zero-window Check, reset, connection dropped, reconnecting.
 - ``gzip-bomb``: Check calls whose 16 KiB gzip message inflates to 16 MB.
+- ``probe-no-message``, ``probe-continuation``, ``probe-idle``: the probe port's own
+  (plaintext; petsage only): HEADERS for Check and never a message (100 streams per
+  connection, reconnecting); the CONTINUATION flood; connections that send half the
+  HTTP/2 preface, held (64 per ``--connections``, from 200 source addresses).
 
 ``--cgroup SIZE`` (default: the manifest's 128Mi where a memory cgroup can be made, i.e.
 as root; ``off``) runs each server in a fresh memory cgroup of that limit
@@ -139,7 +143,13 @@ ATTACKS: Final = (
     "http-headers",
     "reset-storm",
     "gzip-bomb",
+    "probe-no-message",
+    "probe-continuation",
+    "probe-idle",
 )
+PROBE_ATTACKS: Final = frozenset({"probe-no-message", "probe-continuation", "probe-idle"})
+"""Attacks on the probe port (plaintext, where the kubelet's probes go)."""
+PROBE_ATTACK_STREAMS: Final = 100
 TRANSPORTS: Final = ("plaintext", "tls")
 STREAMS_PER_CONNECTION: Final = 1_000
 PROBE_SOURCE: Final = "127.0.0.2"
@@ -751,6 +761,15 @@ async def gzip_bomb(writer: asyncio.StreamWriter, tally: Tally, index: int) -> N
         await asyncio.sleep(0.1)
 
 
+async def probe_no_message(writer: asyncio.StreamWriter, tally: Tally, index: int) -> None:
+    block = request_headers(CHECK)
+    out = [PREFACE, SETTINGS, SETTINGS_ACK]
+    out += [frame(HEADERS, END_HEADERS, 2 * n + 1, block) for n in range(PROBE_ATTACK_STREAMS)]
+    writer.write(b"".join(out))
+    await writer.drain()
+    await asyncio.Event().wait()
+
+
 ATTACK_FUNCTIONS: Final[dict[str, Attack]] = {
     "continuation": continuation,
     "no-message": no_message,
@@ -768,6 +787,9 @@ ATTACK_FUNCTIONS: Final[dict[str, Attack]] = {
     "http-headers": http_headers,
     "reset-storm": reset_storm,
     "gzip-bomb": gzip_bomb,
+    "probe-no-message": probe_no_message,
+    "probe-continuation": continuation,
+    "probe-idle": idle_grpc,
 }
 HELD: Final = {
     "idle-http": 64,
@@ -778,10 +800,11 @@ HELD: Final = {
     "zero-window": 19,
     "zero-window-reflection": 19,
     "unread-data": 19,
+    "probe-idle": 64,
 }
 """Connections per --connections (idle: 4 -> 256, 16 -> 1,024; idle-many: 4 -> 700;
 http-headers: 4 -> 400; zero-window and unread-data: 4 -> 76, the per-address cap)."""
-SOURCES: Final = {"idle-many": 10, "http-headers": 5}
+SOURCES: Final = {"idle-many": 10, "http-headers": 5, "probe-idle": 200}
 """Source addresses an attack spreads its connections over (default 1: 127.0.0.1);
 ``--sources`` overrides."""
 ONE_SHOT: Final = frozenset({"reset-storm"})
@@ -791,7 +814,7 @@ HTTP_ATTACKS: Final = frozenset({"idle-http", "http-headers"})
 
 def applies(attack: str, transport: str, target: str) -> bool:
     """Whether *attack* runs over *transport* against *target*."""
-    if attack in HTTP_ATTACKS:
+    if attack in HTTP_ATTACKS or attack in PROBE_ATTACKS:
         return transport == "plaintext" and target == "petsage"
     return transport == "tls" if attack == "idle-tls" else True
 
@@ -955,6 +978,8 @@ async def run_attack(server: Server, run: Run, *, after: float, front: Front | N
     if front is not None:
         run.front_baseline_rss_kib = front.rss_kib()
     port = server.http_port if name in HTTP_ATTACKS else main_port
+    if name in PROBE_ATTACKS:
+        port = server.probe_port
     if port is None:
         raise ValueError(f"{name} needs an HTTP port")
     count = connections * HELD.get(name, 1)

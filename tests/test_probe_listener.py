@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -21,16 +22,29 @@ from dataclasses import dataclass, field
 from typing import IO
 
 import grpc
+import hpack
 import pytest
 from conftest import ROOT, ServerProcess
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from hardening import STEP_TIMEOUT, check_request, wait_until
+from hardening import (
+    STEP_TIMEOUT,
+    call,
+    check_request,
+    check_status,
+    plaintext,
+    run_cli,
+    wait_until,
+)
 from tcp_listener import free_port
+from test_interop_node import SKIP_REASON as NODE_SKIP_REASON
+from test_interop_node import check as node_check
+from test_interop_node import run_client as run_node_client
 
 from petsage_grpc import ServingStatus
 
 SpawnServer = Callable[..., ServerProcess]
 BUSY = "/petsage.bench.v1.Busy"
+CHECK = "/grpc.health.v1.Health/Check"
 
 
 @dataclass
@@ -255,3 +269,158 @@ def test_standalone_probe_port_drains_with_the_main_port_and_stops_last(
     # The server stopped first, then the probe listener, then the process.
     assert log.index("draining") < log.index("server stopped; stopping the probe listener")
     assert log.index("server stopped; stopping the probe listener") < log.index("stopped\n")
+
+
+# -- real clients on the probe port ---------------------------------------------------
+
+
+@pytest.fixture
+def probe_server(spawn_server: SpawnServer) -> tuple[ServerProcess, int]:
+    probe_port = free_port()
+    server = spawn_server("--probe-port", str(probe_port))
+    wait_until(lambda: "serving health probes" in server.log(), "the probe port to be logged")
+    return server, probe_port
+
+
+def test_grpcio_clients_check_and_watch_on_the_probe_port(
+    probe_server: tuple[ServerProcess, int],
+) -> None:
+    _, port = probe_server
+    with plaintext(f"127.0.0.1:{port}") as channel:
+        for name in ("", "liveness", "readiness", "startup"):
+            assert check_status(channel, name) is ServingStatus.SERVING
+        unknown = call(channel, CHECK, check_request("petsage.v1.NoSuchService"))
+        assert unknown.code is grpc.StatusCode.NOT_FOUND
+        assert unknown.details == "unknown service"
+        too_long = call(channel, CHECK, check_request("x" * 257))
+        assert too_long.code is grpc.StatusCode.INVALID_ARGUMENT
+        assert call(channel, CHECK, b"\xff\xff").code is grpc.StatusCode.INVALID_ARGUMENT
+        # A gzip-compressed request (grpc_health_probe -gzip) is read as any other.
+        stub = health_pb2_grpc.HealthStub(channel)
+        answer = stub.Check(
+            health_pb2.HealthCheckRequest(service="readiness"),
+            compression=grpc.Compression.Gzip,
+            timeout=STEP_TIMEOUT,
+        )
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        # As many calls at once as the port's streams per connection.
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(lambda _: check_status(channel, "readiness"), range(64)))
+        assert answers == [ServingStatus.SERVING] * 64
+        watch = stub.Watch(health_pb2.HealthCheckRequest(service="readiness"), timeout=60)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
+
+
+def test_watch_streams_beyond_the_cap_are_refused(
+    probe_server: tuple[ServerProcess, int],
+) -> None:
+    _, port = probe_server
+    with plaintext(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        open_streams = []
+        for _ in range(8):  # ProbeListener's default max_watch_streams
+            watch = stub.Watch(health_pb2.HealthCheckRequest(service="liveness"), timeout=60)
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            open_streams.append(watch)
+        with plaintext(f"127.0.0.1:{port}") as other:
+            extra = health_pb2_grpc.HealthStub(other).Watch(
+                health_pb2.HealthCheckRequest(service="liveness"), timeout=60
+            )
+            with pytest.raises(grpc.RpcError) as refused:
+                next(extra)
+            assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+            # Check is still answered beside them.
+            assert check_status(other, "liveness") is ServingStatus.SERVING
+        for watch in open_streams:
+            watch.cancel()
+    # The places come back once the streams end.
+    with plaintext(f"127.0.0.1:{port}") as channel:
+
+        def watch_opens() -> bool:
+            stream = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(service="liveness"), timeout=10
+            )
+            try:
+                return bool(next(stream).status == health_pb2.HealthCheckResponse.SERVING)
+            except grpc.RpcError:
+                return False
+            finally:
+                stream.cancel()
+
+        wait_until(watch_opens, "a Watch place to come back")
+
+
+def test_petsage_probe_and_grpc_js_on_the_probe_port(
+    probe_server: tuple[ServerProcess, int],
+) -> None:
+    _, port = probe_server
+    served = run_cli("probe", f"-addr=127.0.0.1:{port}", "-service=readiness")
+    assert (served.code, served.stderr.strip()) == (0, "status: SERVING"), served
+    gzip = run_cli("probe", f"-addr=127.0.0.1:{port}", "-service=liveness", "-gzip")
+    assert gzip.code == 0, gzip
+    unknown = run_cli("probe", f"-addr=127.0.0.1:{port}", "-service=petsage.v1.Nothing")
+    assert unknown.code == 3, unknown  # grpc_health_probe: the RPC failed (NOT_FOUND)
+    assert "NotFound" in unknown.stderr + unknown.stdout, unknown
+    if NODE_SKIP_REASON is not None:
+        pytest.skip(NODE_SKIP_REASON)
+    address = f"127.0.0.1:{port}"
+    assert node_check(address, "readiness") == {"code": 0, "status": "SERVING", "details": ""}
+    assert node_check(address, "petsage.v1.NoSuchService")["code"] == 5
+    (summary,) = run_node_client("kubelet", address, "liveness", "20", timeout=60)
+    assert (summary["ok"], summary["failed"], summary["connections"]) == (20, 0, 20), summary
+
+
+def _frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+    return (
+        len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+    )
+
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _frame(0x4, 0, 0)
+MALFORMED = {
+    "not HTTP/2": b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    "a frame over 16 KiB": PREFACE + (1 << 20).to_bytes(3, "big") + b"\x00\x00\x00\x00\x00\x01",
+    "PUSH_PROMISE": PREFACE + _frame(0x5, 0x4, 1, b"\x00\x00\x00\x02"),
+    "HPACK garbage": PREFACE + _frame(0x1, 0x5, 1, b"\xff\xff\xff\xff\xff"),
+    "SETTINGS of 5 bytes": PREFACE + _frame(0x4, 0, 0, b"\x00" * 5),
+    "DATA on stream 0": PREFACE + _frame(0x0, 0, 0, b"x"),
+    "an even stream": PREFACE + _frame(0x1, 0x5, 2, b"\x83"),
+    "CONTINUATION alone": PREFACE + _frame(0x9, 0x4, 1, b"\x83"),
+    "a window overflow": PREFACE + _frame(0x8, 0, 0, b"\x7f\xff\xff\xff"),
+}
+
+
+def _closed_by_server(port: int, data: bytes) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=STEP_TIMEOUT) as sock:
+        sock.sendall(data)
+        while sock.recv(65536):
+            pass
+    return True
+
+
+def test_malformed_http2_closes_the_connection_without_a_traceback(
+    probe_server: tuple[ServerProcess, int],
+) -> None:
+    server, port = probe_server
+    for name, data in MALFORMED.items():
+        assert _closed_by_server(port, data), name
+    # A client that never opens its window (SETTINGS_INITIAL_WINDOW_SIZE 0) gets no
+    # answer, and its connection goes at the deadline rather than being held.
+    zero_window = PREFACE[:-9] + _frame(0x4, 0, 0, b"\x00\x04\x00\x00\x00\x00")
+    block = hpack.Encoder().encode(
+        [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", CHECK),
+            (":authority", "x"),
+            ("content-type", "application/grpc"),
+        ]
+    )
+    body = b"\x00\x00\x00\x00\x0b\x0a\x09readiness"
+    held = zero_window + _frame(0x1, 0x4, 1, block) + _frame(0x0, 0x1, 1, body)
+    assert _closed_by_server(port, held)
+    with plaintext(f"127.0.0.1:{port}") as channel:
+        assert check_status(channel, "readiness") is ServingStatus.SERVING
+    wait_until(lambda: "refused or closed" in server.log(), "the refusals to be warned about")
+    assert "Traceback" not in server.log(), server.log()

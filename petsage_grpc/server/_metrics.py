@@ -35,9 +35,11 @@ class _StateCollector(Collector):
         *,
         with_checks: bool,
         closed_connections: Callable[[], Mapping[str, int]] | None = None,
+        probe_refusals: Callable[[], Mapping[str, int]] | None = None,
         memory_budget: tuple[int, str] | None = None,
     ) -> None:
         self._closed_connections = closed_connections
+        self._probe_refusals = probe_refusals
         self._memory_budget = memory_budget
         self._board = board
         self._monitor = monitor
@@ -87,6 +89,7 @@ class _StateCollector(Collector):
             for reason, count in sorted(self._closed_connections().items()):
                 closed.add_metric([reason], count)
             yield closed
+        yield from self._probe_port()
         counted = CounterMetricFamily(
             "petsage_grpc_warnings",
             "Events logged as one rate-limited warning line per kind (what clients did, a "
@@ -142,6 +145,20 @@ class _StateCollector(Collector):
             timeout.add_metric(labels, state.check.timeout)
             changes.add_metric(labels, state.flips)
         yield from (duration, failures, last_success, serving_check, timeout, changes)
+
+    def _probe_port(self) -> Iterator[Metric]:
+        """The probe port's refusals by reason, when there is a probe port."""
+        if self._probe_refusals is None:
+            return
+        refused = CounterMetricFamily(
+            "petsage_grpc_probe_port_refused",
+            "Connections and calls the probe port refused or closed, by reason "
+            "(ProbeListener.refusals: caps, deadline, header list, streams, Watch cap, ...).",
+            labels=["reason"],
+        )
+        for reason, count in sorted(self._probe_refusals().items()):
+            refused.add_metric([reason], count)
+        yield refused
 
 
 class _RpcCounter(grpc.aio.ServerInterceptor):
@@ -232,6 +249,7 @@ class Metrics:
         *,
         heartbeat: LoopHeartbeat | None = None,
         closed_connections: Callable[[], Mapping[str, int]] | None = None,
+        probe_refusals: Callable[[], Mapping[str, int]] | None = None,
         memory_budget: tuple[int, str] | None = None,
     ) -> None:
         """*memory_budget*: (bytes, source) for ``petsage_grpc_memory_budget_bytes``."""
@@ -246,6 +264,7 @@ class Metrics:
                     heartbeat,
                     with_checks=with_checks,
                     closed_connections=closed_connections,
+                    probe_refusals=probe_refusals,
                     memory_budget=memory_budget,
                 )
             )

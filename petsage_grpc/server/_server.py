@@ -312,6 +312,7 @@ async def _assemble(
             monitor,
             heartbeat=heartbeat,
             closed_connections=None if shedder is None else shedder.counts,
+            probe_refusals=None if probe is None else probe.refusals,
             memory_budget=(bounds.budget_mib * 2**20, bounds.budget.source),
         )
         http = HttpFace(
