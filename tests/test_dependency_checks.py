@@ -53,8 +53,10 @@ FAILURE_THRESHOLD: Final = 2
 SUCCESS_THRESHOLD: Final = 1
 JITTER: Final = 1.1
 """The monitor waits the interval ± 10 %."""
-SLACK: Final = 2.0
-"""For scheduling, process start-up and a loaded CI machine; generous, still bounded."""
+SLACK: Final = 20.0
+"""For scheduling, process start-up and a loaded, shared machine: generous, still bounded
+(these bounds prove that a change arrives without waiting for anything else, not how fast:
+the speed is the benchmark's)."""
 DETECT_WITHIN: Final = INTERVAL * JITTER * FAILURE_THRESHOLD + TIMEOUT + SLACK
 """A stopped dependency (connections refused at once) turns its check NOT_SERVING within this."""
 RECOVER_WITHIN: Final = INTERVAL * JITTER * SUCCESS_THRESHOLD + TIMEOUT + SLACK
@@ -259,7 +261,9 @@ def probe(address: str, service: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def wait_for_log(server: ServerProcess, pattern: str, within: float = RPC_TIMEOUT) -> re.Match[str]:
+def wait_for_log(
+    server: ServerProcess, pattern: str, within: float = WATCH_TIMEOUT
+) -> re.Match[str]:
     """Wait until the server's log matches *pattern*; return the match."""
     compiled = re.compile(pattern)
     deadline = time.monotonic() + within
@@ -661,8 +665,9 @@ def test_non_critical_check_failing_leaves_readiness_serving(
     assert transitions(readiness.cancel()) == [SERVING]
 
 
-STALE_INTERVAL: Final = 2.0
-"""Long enough to restart a dependency between two attempts, with a wide margin."""
+STALE_INTERVAL: Final = 6.0
+"""Long enough to restart a dependency between two attempts, with a wide margin (a restart
+takes well under a second on a quiet machine, a few on a loaded one)."""
 
 
 @pytest.mark.parametrize(

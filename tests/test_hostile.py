@@ -48,7 +48,7 @@ from petsage_grpc.server._budget import derive_bounds
 SpawnServer = Callable[..., ServerProcess]
 Code = grpc.StatusCode
 
-IO_TIMEOUT: Final = 10.0
+IO_TIMEOUT: Final = 30.0
 """Bound on waiting for the server to react on a raw connection."""
 PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 EMPTY_SETTINGS: Final = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
@@ -395,7 +395,7 @@ def test_calls_that_end_without_a_request_message_are_answered(server: ServerPro
         (CHECK, [], b"\x00\x00\x00\x00\x10abc"),  # says 16 bytes, brings 3
         (CHECK, [], b"\x00\x00\x00"),  # a cut length prefix
     ]
-    streams = h2_calls(server.port, requests, timeout=5.0)
+    streams = h2_calls(server.port, requests, timeout=IO_TIMEOUT)
     # The control: the same connection answers a whole request at once.
     (control,) = h2_calls(server.port, [(CHECK, [], EMPTY_MESSAGE)])
     assert control.grpc_status == "0"
@@ -531,7 +531,7 @@ def test_calls_without_a_request_message_do_not_pin_memory(spawn_server: SpawnSe
     warm_up(server)
 
     def burst() -> int:
-        streams = h2_calls(server.port, [(CHECK, [], None)] * 1000, timeout=5.0)
+        streams = h2_calls(server.port, [(CHECK, [], None)] * 1000, timeout=IO_TIMEOUT)
         return sum(s.grpc_status is not None for s in streams)
 
     assert burst() == 1000

@@ -41,7 +41,7 @@ SpawnServer = Callable[..., ServerProcess]
 DRAIN: Final = 1.0
 GRACE: Final = 1.0
 READINESS_WATCHERS: Final = 100
-STEP_TIMEOUT: Final = 10.0
+STEP_TIMEOUT: Final = 30.0
 """Bound on any single wait for the server; the real waits are far shorter."""
 CHECK: Final = "/grpc.health.v1.Health/Check"
 WATCH: Final = "/grpc.health.v1.Health/Watch"
