@@ -43,6 +43,7 @@ from petsage_grpc.server._guard import HEAP_ARENAS
 from petsage_grpc.server._http import HttpLimits
 
 SpawnServer = Callable[..., ServerProcess]
+pytestmark = pytest.mark.slow
 
 ATTACK_SECONDS: Final = 3.0
 IO_TIMEOUT: Final = 30.0

@@ -325,6 +325,7 @@ def dependency(request: pytest.FixtureRequest) -> Dependency:
     return Dependency("redis", cache.url(), cache.port, cache.stop, cache.restart)
 
 
+@pytest.mark.slow
 def test_outage_and_recovery_through_the_cli_server(
     dependency: Dependency,
     spawn_server: Callable[..., ServerProcess],
@@ -537,6 +538,7 @@ def assert_fast_answers_while(hanging: Callable[[], bool], client: Client) -> in
     return calls
 
 
+@pytest.mark.slow
 def test_black_hole_fails_by_timeout_and_never_slows_the_health_rpcs(
     black_hole: BlackHole,
     spawn_server: Callable[..., ServerProcess],
@@ -670,6 +672,7 @@ STALE_INTERVAL: Final = 6.0
 takes well under a second on a quiet machine, a few on a loaded one)."""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "dependency",
     ["postgres", "redis"],
@@ -724,6 +727,7 @@ def test_dependency_restarted_between_attempts_is_not_reported_down(
     assert transitions(readiness.cancel()) == [SERVING]
 
 
+@pytest.mark.slow
 def test_frozen_redis_fails_by_timeout_without_slowing_the_health_rpcs(
     redis_server: RedisServer,
     monitored: Callable[..., Monitored],

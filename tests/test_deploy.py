@@ -90,6 +90,7 @@ def test_termination_grace_period_covers_drain_and_grace() -> None:
     assert pod["terminationGracePeriodSeconds"] > budget
 
 
+@pytest.mark.slow
 def test_server_started_as_in_the_manifest_answers_every_probe(
     spawn_server: Callable[..., ServerProcess],
     postgres_cluster: PostgresCluster,

@@ -87,6 +87,7 @@ def send_random_requests(address: str, path: str, seed: int) -> list[Outcome]:
         return [call(channel, path, body) for body in random_bodies(seed)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "path",
     [
@@ -270,6 +271,7 @@ GARBAGE: Final = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("payload", "must_close"), [pytest.param(g[1], g[2], id=g[0]) for g in GARBAGE]
 )
@@ -504,6 +506,7 @@ def warm_up(server: ServerProcess) -> None:
     everything(server, scale=1)
 
 
+@pytest.mark.slow
 def test_memory_is_back_near_its_baseline_after_everything(server: ServerProcess) -> None:
     """At the default caps, the shedder awake: the idle connections exceed their cap."""
     warm_up(server)
@@ -518,6 +521,7 @@ def test_memory_is_back_near_its_baseline_after_everything(server: ServerProcess
     assert server.process.poll() is None
 
 
+@pytest.mark.slow
 def test_calls_without_a_request_message_do_not_pin_memory(spawn_server: SpawnServer) -> None:
     """Each call is answered at once, so round after round the server holds nothing more.
 

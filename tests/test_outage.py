@@ -25,6 +25,8 @@ from typing import Any, Final
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 ROOT: Final = Path(__file__).resolve().parent.parent
 OUTAGE: Final = ROOT / "scripts" / "outage.py"
 RATE: Final = 100

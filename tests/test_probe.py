@@ -824,6 +824,7 @@ print(f"{attempts} checks answered", flush=True)
 """
 
 
+@pytest.mark.slow
 def test_tls_no_verify_relay_survives_many_connections(tls_port: int) -> None:
     attempts = 1500
     done = subprocess.run(
@@ -925,6 +926,7 @@ _GRPC_JS_CASES: Final = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("args", "code", "line"), _GRPC_JS_CASES)
 @pytest.mark.parametrize("security", ["plaintext", "tls", "tls-no-verify"])
 def test_against_grpc_js(
@@ -947,6 +949,7 @@ def test_against_grpc_js(
     assert any(printed.startswith(line) for printed in run.lines), run.stderr
 
 
+@pytest.mark.slow
 def test_grpc_js_tls_mismatch_exits_2(grpc_js: Callable[[bool], int], pki: Pki) -> None:
     tls_port, plain_port = grpc_js(True), grpc_js(False)
     untrusted = probe(f"-addr=127.0.0.1:{tls_port}", FAST_FAIL, "-tls")

@@ -39,6 +39,8 @@ from playwright.sync_api import (  # noqa: E402 - after the clear message above
     sync_playwright,
 )
 
+pytestmark = pytest.mark.slow
+
 CHROMIUM_ARGS: Final = [
     "--headless",
     "--no-sandbox",
