@@ -250,9 +250,19 @@ def connect() -> Iterator[Callable[[str], Client]]:
 
 
 def probe(address: str, service: str) -> subprocess.CompletedProcess[str]:
-    """``petsage-grpc probe``, as a Kubernetes exec probe runs it."""
+    """``petsage-grpc probe``, as a Kubernetes exec probe runs it (with timeouts that a
+    loaded machine cannot miss: the answer is under test, not the kubelet's 1 s)."""
     return subprocess.run(
-        [sys.executable, "-m", "petsage_grpc", "probe", f"-addr={address}", f"-service={service}"],
+        [
+            sys.executable,
+            "-m",
+            "petsage_grpc",
+            "probe",
+            f"-addr={address}",
+            f"-service={service}",
+            "-connect-timeout=10s",
+            "-rpc-timeout=10s",
+        ],
         capture_output=True,
         text=True,
         timeout=30,
