@@ -23,7 +23,8 @@ running altogether (``grpc_health_probe -addr=127.0.0.1:50062 -service=liveness`
 ``--http-port`` serves ``/readyz`` and ``/livez`` (200 or 503) for load balancers that
 check over HTTP, such as HAProxy (deploy/haproxy.cfg). The embedding API has no HTTP
 face of its own, so the example answers those two paths from the status board itself,
-with aiohttp (already a dependency of petsage-grpc); see docs/embedding.md.
+with aiohttp (the extra ``http``; the Redis check needs ``redis``:
+``pip install "petsage-grpc[redis,http]"``); see docs/embedding.md.
 
 On SIGTERM it stops the way Kubernetes and load balancers expect: readiness turns
 NOT_SERVING at once (Watch clients move away immediately, ``/readyz`` answers 503), the

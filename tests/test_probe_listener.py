@@ -255,6 +255,6 @@ def test_standalone_probe_port_drains_with_the_main_port_and_stops_last(
     server.signal(signal.SIGTERM)  # a second signal cuts the drain short
     assert server.wait() == 0
     log = server.log()
-    # The servers stopped first, then the probe listener, then the process.
-    assert log.index("draining") < log.index("servers stopped; stopping the probe listener")
-    assert log.index("servers stopped; stopping the probe listener") < log.index("stopped\n")
+    # The server stopped first, then the probe listener, then the process.
+    assert log.index("draining") < log.index("server stopped; stopping the probe listener")
+    assert log.index("server stopped; stopping the probe listener") < log.index("stopped\n")

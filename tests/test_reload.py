@@ -8,6 +8,7 @@ server process itself. Every wait is a poll with a deadline.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -378,7 +379,7 @@ def test_a_reload_that_adds_a_critical_check_takes_no_serving_pod_out(
     for recorder in watched:
         assert recorder.wait_for_count(1) == [SERVING]
 
-    drops = log_count(server, "'readiness': SERVING -> NOT_SERVING")  # at start-up
+    drops = log_count(server, "'readiness': SERVING -> NOT_SERVING")  # none: start-up's is initial
     # A healthy check whose first attempt is a second away, and one an hour away.
     replace_file(
         config,
@@ -397,6 +398,34 @@ def test_a_reload_that_adds_a_critical_check_takes_no_serving_pod_out(
         assert recorder.ended is None
     assert log_count(server, "'readiness': SERVING -> NOT_SERVING") == drops
     assert server.process.poll() is None
+
+
+def test_start_up_logs_initial_statuses_as_initial_then_the_first_verdict(
+    tmp_path: Path,
+    spawn_server: SpawnServer,
+    health_client: Callable[[str], Health],
+    listeners: Callable[[], TcpListener],
+) -> None:
+    config = tmp_path / "petsage.toml"
+    replace_file(config, check_table("db", listeners().address))
+    server = spawn_server("--config", str(config), "--log-format", "json")
+    health_client(server.address).wait_for("readiness", SERVING)
+    wait_for_log(server, "'readiness': NOT_SERVING -> SERVING")
+    entries = [json.loads(line) for line in server.log().splitlines()]
+    started = next(i for i, e in enumerate(entries) if e.get("event") == "started")
+    initial = [i for i, e in enumerate(entries) if e.get("event") == "initial_status"]
+    assert initial, server.log()
+    assert max(initial) < started, "initial statuses come before 'serving on'"
+    assert [(entries[i]["service"], entries[i]["status"]) for i in initial] == [
+        (name, "NOT_SERVING")
+        for name in ("check.db", "readiness", "", "petsage.v1.SmokeTestService", "startup")
+    ]
+    assert all("previous" not in entries[i] for i in initial)
+    assert entries[initial[1]]["message"] == "service 'readiness': NOT_SERVING (initial)"
+    # The only readiness change is the one the check's verdict makes.
+    changes = [e for e in entries if e.get("event") == "status_change"]
+    readiness = [(e["previous"], e["status"]) for e in changes if e["service"] == "readiness"]
+    assert readiness == [("NOT_SERVING", "SERVING")]
 
 
 def test_sighup_without_a_configuration_file_is_harmless(

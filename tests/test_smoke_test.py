@@ -12,7 +12,11 @@ from conftest import InProcessServer
 
 from petsage_grpc import READINESS, SMOKE_TEST_SERVICE, ServingStatus
 from petsage_grpc._generated.petsage.v1 import smoke_test_service_pb2, smoke_test_service_pb2_grpc
-from petsage_grpc.services._smoke_test import SMOKE_TEST_MESSAGE
+from petsage_grpc.services._smoke_test import (
+    DRAINING_DETAILS,
+    NOT_SERVING_DETAILS,
+    SMOKE_TEST_MESSAGE,
+)
 
 RPC_TIMEOUT: Final = 5.0
 OK_MESSAGE: Final = "PetSage system is alive and purring."
@@ -137,8 +141,12 @@ def test_smoke_test_during_drain_then_resume(
     server.board.drain()
     error = refusal(smoke_test)
     assert_discloses_nothing(error, server)
+    # Said apart from a failure, for followers such as the fleet view.
+    assert error.details() == DRAINING_DETAILS
     server.board.resume()
     assert call(smoke_test).status == "ok"
+    server.board.set(SMOKE_TEST_SERVICE, ServingStatus.NOT_SERVING)
+    assert refusal(smoke_test).details() == NOT_SERVING_DETAILS
 
 
 def test_smoke_test_set_while_draining_only_counts_after_resume(

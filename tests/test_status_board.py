@@ -817,3 +817,63 @@ def test_thread_watcher_sees_changes_made_on_another_thread_and_stops() -> None:
     board.unsubscribe(READINESS, watcher)
     assert seen == [SERVING, NOT_SERVING, None]
     assert board.watcher_count == 0
+
+
+# --- initial statuses -------------------------------------------------------------------
+
+
+def test_an_initial_status_is_logged_as_where_the_name_starts_not_as_a_change(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def scenario() -> None:
+        board = StatusBoard()
+        watch = board.watch(READINESS)
+        assert await next_status(watch) is SERVING
+        with caplog.at_level("INFO", logger="petsage_grpc.status"):
+            board.set(READINESS, NOT_SERVING, initial=True)
+            # Watchers hear what is reported, initial or not.
+            assert await next_status(watch) is NOT_SERVING
+            board.set("check.db", NOT_SERVING, initial=True)  # a new name
+            board.set(LIVENESS, SERVING, initial=True)  # the same status: still stated
+            board.set(READINESS, SERVING)  # then a real change
+            assert await next_status(watch) is SERVING
+        # The history starts again from the initial status.
+        assert [t.status for t in board.history(READINESS)] == [NOT_SERVING, SERVING]
+        assert [t.status for t in board.history(LIVENESS)] == [SERVING]
+        assert isinstance(watch, AsyncGenerator)
+        await watch.aclose()
+
+    run(scenario())
+    records = [r for r in caplog.records if r.name == "petsage_grpc.status"]
+    assert [r.getMessage() for r in records] == [
+        "service 'readiness': NOT_SERVING (initial)",
+        "service 'check.db': NOT_SERVING (initial)",
+        "service 'liveness': SERVING (initial)",
+        "service 'readiness': NOT_SERVING -> SERVING",
+    ]
+    fields = [
+        {k: getattr(r, k) for k in ("event", "service", "status", "previous") if hasattr(r, k)}
+        for r in records
+    ]
+    assert fields[0] == {"event": "initial_status", "service": READINESS, "status": "NOT_SERVING"}
+    assert fields[-1] == {
+        "event": "status_change",
+        "service": READINESS,
+        "status": "SERVING",
+        "previous": "NOT_SERVING",
+    }
+
+
+def test_an_initial_status_while_draining_is_remembered_and_logged_as_reported(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    board = StatusBoard()
+    board.drain()
+    with caplog.at_level("INFO", logger="petsage_grpc.status"):
+        board.set(READINESS, SERVING, initial=True)
+    assert board.get(READINESS) is NOT_SERVING
+    assert [r.getMessage() for r in caplog.records] == [
+        "service 'readiness': NOT_SERVING (initial)"
+    ]
+    board.resume()
+    assert board.get(READINESS) is SERVING

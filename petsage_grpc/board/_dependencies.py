@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from petsage_grpc._extras import CHECK_KIND_EXTRAS, require_extra
 from petsage_grpc.board._check import Check
 
 if TYPE_CHECKING:
@@ -280,5 +281,10 @@ def make_prober(check: Check) -> Prober:
 
     Raises:
         ValueError: a ``python`` target cannot be imported.
+        MissingExtraError: the kind's client library (an extra) is not installed.
     """
+    needs = CHECK_KIND_EXTRAS.get(check.kind)
+    if needs is not None:
+        extra, modules = needs
+        require_extra(extra, feature=f"check {check.name!r} (kind {check.kind!r})", modules=modules)
     return _PROBERS[check.kind](check)

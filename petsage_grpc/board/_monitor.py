@@ -118,6 +118,8 @@ class HealthMonitor:
 
     Raises:
         ValueError: two checks share a name, or a ``python`` target cannot be imported.
+        MissingExtraError: an ``ImportError`` naming the extra to install, for a check
+            whose kind needs one that is missing (``postgres``, ``redis``, ``http``).
     """
 
     def __init__(self, board: StatusBoard, checks: Iterable[Check]) -> None:
@@ -135,10 +137,16 @@ class HealthMonitor:
         return tuple(self._states.values())
 
     async def start(self) -> None:
-        """Register every check as NOT_SERVING, derive the aggregates, start checking."""
+        """Register every check as NOT_SERVING, derive the aggregates, start checking.
+
+        With checks, the statuses this sets are logged as initial (``service
+        'readiness': NOT_SERVING (initial)``), not as changes from the board's defaults:
+        they are where start-up begins, not a flap.
+        """
+        initial = bool(self._states)
         for state in self._states.values():
-            self._board.set(state.check.service_name, ServingStatus.NOT_SERVING)
-        self._update_aggregates()
+            self._board.set(state.check.service_name, ServingStatus.NOT_SERVING, initial=True)
+        self._update_aggregates(initial=initial)
         self._running = True
         for name in self._states:
             self._start_task(name)
@@ -175,6 +183,8 @@ class HealthMonitor:
         Raises:
             ValueError: duplicate names, or a ``python`` target cannot be imported; then
                 nothing has changed.
+            MissingExtraError: a check's kind needs an extra that is missing; then
+                nothing has changed.
         """
         wanted = {check.name: check for check in _unique(checks)}
         changes = Changes(
@@ -205,7 +215,7 @@ class HealthMonitor:
             self._states[name] = CheckState(
                 wanted[name], has_verdict=not (self._running and self._started)
             )
-            self._board.set(wanted[name].service_name, ServingStatus.NOT_SERVING)
+            self._board.set(wanted[name].service_name, ServingStatus.NOT_SERVING, initial=True)
         self._states = {name: self._states[name] for name in wanted}  # configuration order
         self._probers.update(probers)
         self._update_aggregates()
@@ -300,14 +310,18 @@ class HealthMonitor:
         if first or joined or (check.critical and state.serving != was_serving):
             self._update_aggregates()
 
-    def _update_aggregates(self) -> None:
+    def _update_aggregates(self, *, initial: bool = False) -> None:
         critical = [state for state in self._states.values() if state.check.critical]
         ready = all(state.serving for state in critical if state.has_verdict)
         for name in _AGGREGATES:
-            self._board.set(name, ServingStatus.SERVING if ready else ServingStatus.NOT_SERVING)
+            self._board.set(
+                name, ServingStatus.SERVING if ready else ServingStatus.NOT_SERVING, initial=initial
+            )
         # Once started, always started: a check added by a reload must not send the pod
         # back through its startup probe.
         self._started = self._started or all(s.completed_first_attempt for s in critical)
         self._board.set(
-            STARTUP, ServingStatus.SERVING if self._started else ServingStatus.NOT_SERVING
+            STARTUP,
+            ServingStatus.SERVING if self._started else ServingStatus.NOT_SERVING,
+            initial=initial,
         )

@@ -232,6 +232,7 @@ class _Change(NamedTuple):
     old: ServingStatus | None
     new: ServingStatus | None
     watchers: tuple[_Watcher | _ThreadWatcher, ...]
+    initial: bool = False
 
 
 def _publish(changes: Iterable[_Change]) -> None:
@@ -240,13 +241,27 @@ def _publish(changes: Iterable[_Change]) -> None:
     for change in changes:
         old = change.old.name if change.old is not None else "SERVICE_UNKNOWN"
         new = change.new.name if change.new is not None else "SERVICE_UNKNOWN"
-        _log.info(
-            "service %r: %s -> %s",
-            change.service,
-            old,
-            new,
-            extra={"service": change.service, "status": new, "previous": old},
-        )
+        if change.initial:
+            # A state to start from, not a flap: no "previous" to read as one.
+            _log.info(
+                "service %r: %s (initial)",
+                change.service,
+                new,
+                extra={"event": "initial_status", "service": change.service, "status": new},
+            )
+        else:
+            _log.info(
+                "service %r: %s -> %s",
+                change.service,
+                old,
+                new,
+                extra={
+                    "event": "status_change",
+                    "service": change.service,
+                    "status": new,
+                    "previous": old,
+                },
+            )
         woken.extend(change.watchers)
     if woken:
         _wake_all(woken)
@@ -263,7 +278,8 @@ class StatusBoard:
     and subscribe from the loop whose task then waits; subscribe_thread from the thread
     that then waits). Each watcher is woken on its own loop or thread, whichever thread
     made the change.
-    Status changes are logged once each, at INFO, on the ``petsage_grpc.status`` logger.
+    Status changes are logged once each, at INFO, on the ``petsage_grpc.status`` logger;
+    a status set with ``initial=True`` is logged as where the name starts, not as a change.
 
     The board separates what was *set* from what is *reported*:
 
@@ -348,11 +364,17 @@ class StatusBoard:
 
     # -- writing ------------------------------------------------------------------
 
-    def set(self, service: str, status: ServingStatus) -> None:
+    def set(self, service: str, status: ServingStatus, *, initial: bool = False) -> None:
         """Set *service*'s status, registering the name if it is new.
 
         While draining or shut down, the status is remembered and reported after
         :meth:`resume`. ``SERVICE_UNKNOWN`` is not a status a service can have.
+
+        With *initial*, *status* is the one *service* starts from (a dependency check
+        that has not run yet, say): it is logged as ``service 'x': NOT_SERVING
+        (initial)`` rather than as a change from the board's default, even if it is the
+        same, and the name's :meth:`history` starts again from it. Watchers see it like
+        any other set.
 
         Raises:
             ValueError: *status* is SERVICE_UNKNOWN.
@@ -360,7 +382,7 @@ class StatusBoard:
         status = _settable(status)
         with self._lock:
             self._set[service] = status
-            changes = self._apply({service: self._reportable(service, status)})
+            changes = self._apply({service: self._reportable(service, status)}, initial=initial)
         _publish(changes)
 
     def clear(self, service: str) -> None:
@@ -432,12 +454,28 @@ class StatusBoard:
             return ServingStatus.NOT_SERVING
         return status
 
-    def _apply(self, updates: Mapping[str, ServingStatus | None]) -> list[_Change]:
-        """Store reported statuses and fill changed names' mailboxes. Lock held."""
+    def _apply(
+        self, updates: Mapping[str, ServingStatus | None], *, initial: bool = False
+    ) -> list[_Change]:
+        """Store reported statuses and fill changed names' mailboxes. Lock held.
+
+        An *initial* status is a change even when it equals the reported one (it is
+        logged, and the name's history starts from it); watchers hear only a real change.
+        """
         changes: list[_Change] = []
         now = time.time()
         for service, new in updates.items():
             old = self._reported.get(service)
+            if initial and new is not None:
+                self._revision += 1
+                self._reported[service] = new
+                self._history[service] = deque((Transition(now, new),), maxlen=HISTORY_LENGTH)
+                watchers = () if old == new else tuple(self._watchers.get(service, ()))
+                for watcher in watchers:
+                    if not isinstance(watcher.latest, _Closed):
+                        watcher.latest = new
+                changes.append(_Change(service, old, new, watchers, initial=True))
+                continue
             if old == new:
                 continue
             self._revision += 1

@@ -70,15 +70,6 @@ class Connection:
         )
         return self.target, credentials, options
 
-    def channel(self) -> grpc.Channel:
-        """A blocking channel (see :meth:`channel_arguments` for errors)."""
-        import grpc  # noqa: PLC0415
-
-        target, credentials, options = self.channel_arguments()
-        if credentials is None:
-            return grpc.insecure_channel(target, options=options)
-        return grpc.secure_channel(target, credentials, options=options)
-
     def aio_channel(self, *, options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
         """An asyncio channel, with extra channel *options*.
 

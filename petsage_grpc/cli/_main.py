@@ -1,4 +1,4 @@
-"""Command line: ``petsage-grpc serve``, ``probe`` and ``status``.
+"""Command line: ``petsage-grpc serve``, ``probe``, ``status`` and ``fleet``.
 
 Kept free of grpc imports at module level: ``probe`` runs as a Kubernetes exec probe
 and must start fast, and ``serve`` should report a bad flag before loading anything.
@@ -77,11 +77,10 @@ def _serve(argv: Sequence[str], environ: Mapping[str, str]) -> int:
     # Flag and environment are valid now; the file may still set the format below.
     given = flags["log_format"] or valid_format(environ.get(LOG_FORMAT_ENV))
     parser.log_format = early["log_format"]
-    # grpc core writes its own lines, outside the server's log and its format, and a
-    # client can make it write one per connection (a header block over the limit, a
-    # failed TLS handshake): silence it unless the operator asks, before anything (a
-    # python check's module, say) imports grpc, which reads this once.
-    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    # grpc core reads this once, when grpc is first imported: errors only (its bind and
+    # TLS diagnostics); serve() logs what it wrote during start-up in the server's format
+    # and silences it after, since a client can make it write a line per connection.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
     from petsage_grpc.server._config import Config, ConfigError, load_config  # noqa: PLC0415
 
@@ -102,6 +101,7 @@ def _serve(argv: Sequence[str], environ: Mapping[str, str]) -> int:
 
     import asyncio  # noqa: PLC0415 - heavy imports only once the input is known to be good
 
+    from petsage_grpc.server._budget import BudgetError  # noqa: PLC0415
     from petsage_grpc.server._logging import configure_logging  # noqa: PLC0415
     from petsage_grpc.server._server import ListenError, serve  # noqa: PLC0415
 
@@ -112,7 +112,7 @@ def _serve(argv: Sequence[str], environ: Mapping[str, str]) -> int:
     configure_logging(level=values["log_level"], fmt=values["log_format"])
     try:
         asyncio.run(serve(options))
-    except ListenError as error:
+    except (ListenError, BudgetError) as error:
         print(error_line(str(error), fmt=values["log_format"], prog=parser.prog), file=sys.stderr)
         return EXIT_USAGE
     except Exception:
@@ -129,13 +129,11 @@ def _serve_options(values: Mapping[str, Any], config: Config) -> ServeOptions:
     """Combine resolved settings and the file into ServeOptions.
 
     Raises:
-        ValueError: TLS files are incomplete or unusable, the token file is unusable, or
-            the memory budget is too small.
+        ValueError: TLS files are incomplete or unusable, the token file is unusable,
+            or --http-port lacks its extra.
     """
-    from petsage_grpc.server._budget import derive_bounds  # noqa: PLC0415
     from petsage_grpc.server._server import ServeOptions  # noqa: PLC0415
     from petsage_grpc.services._auth import BearerToken  # noqa: PLC0415
-    from petsage_grpc.services._health import HealthLimits  # noqa: PLC0415
 
     cert, key, client_ca = values["tls_cert"], values["tls_key"], values["tls_client_ca"]
     if (cert is None) != (key is None):
@@ -146,6 +144,12 @@ def _serve_options(values: Mapping[str, Any], config: Config) -> ServeOptions:
         values["probe_port"] is None and values["http_port"] is None
     ):
         raise ValueError("--shed-lag-seconds needs --probe-port or --http-port")
+    if values["http_port"] is not None:
+        from petsage_grpc._extras import missing_extra  # noqa: PLC0415
+
+        missing = missing_extra("http", feature="--http-port")
+        if missing is not None:
+            raise ValueError(missing)
     tls = None
     if cert is not None:
         from petsage_grpc.server._tls import TlsFiles  # noqa: PLC0415
@@ -154,12 +158,6 @@ def _serve_options(values: Mapping[str, Any], config: Config) -> ServeOptions:
     token = config.auth_token
     if values["auth_token_file"] is not None:
         token = BearerToken.read_file(values["auth_token_file"])
-    bounds = derive_bounds(
-        values["memory_budget"],
-        max_watch_streams=values["max_watch_streams"],
-        max_watch_streams_per_connection=values["max_watch_streams_per_connection"],
-        max_connections_per_address=values["max_connections_per_address"],
-    )
     return ServeOptions(
         host=values["host"],
         port=values["port"],
@@ -172,12 +170,11 @@ def _serve_options(values: Mapping[str, Any], config: Config) -> ServeOptions:
         tls=tls,
         auth_token=token,
         protect_reflection=config.protect_reflection,
-        limits=HealthLimits(
-            max_watch_streams=bounds.max_watch_streams,
-            max_watch_streams_per_connection=bounds.max_watch_streams_per_connection,
-            max_calls_awaiting_request=bounds.max_calls_awaiting_request,
-        ),
-        bounds=bounds,
+        memory_budget_mib=values["memory_budget"],
+        max_watch_streams=values["max_watch_streams"],
+        max_watch_streams_per_connection=values["max_watch_streams_per_connection"],
+        max_connections_per_address=values["max_connections_per_address"],
+        shed_connections=values["shed_connections"],
         http_access_log=values["http_access_log"],
         checks=config.checks,
         report_checks=config.report_checks,
@@ -198,6 +195,10 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
         from petsage_grpc.cli._status_command import run_status  # noqa: PLC0415
 
         return run_status(args[1:])
+    if args and args[0] == "fleet":
+        from petsage_grpc.cli._fleet_command import run_fleet  # noqa: PLC0415
+
+        return run_fleet(args[1:])
     from petsage_grpc.cli._parsing import EXIT_USAGE, LOG_FORMAT_ENV, Parser, valid_format  # noqa: PLC0415
 
     parser = Parser(
@@ -207,8 +208,9 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
     )
     parser.add_argument(
         "command",
-        choices=("serve", "probe", "status"),
-        help="serve; probe a server as grpc_health_probe does; show a server's status",
+        choices=("serve", "probe", "status", "fleet"),
+        help="serve; probe a server as grpc_health_probe does; show a server's status "
+        "(or a fleet's: status --discover); serve a fleet page",
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     parser.log_format = valid_format(environ.get(LOG_FORMAT_ENV)) or "text"

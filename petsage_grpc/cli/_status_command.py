@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import signal
 import sys
 import time
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from petsage_grpc._durations import format_go_duration, parse_duration
 from petsage_grpc.cli._client import Connection
+from petsage_grpc.cli._client_flags import Parser, add_client_flags, add_fleet_flags, paint
 from petsage_grpc.cli._probe import (
     EXIT_CONNECTION_FAILURE,
     EXIT_INVALID_ARGUMENTS,
@@ -41,10 +41,6 @@ if TYPE_CHECKING:
 
 __all__ = ["run_status"]
 
-_TOKEN_ENV = "PETSAGE_GRPC_AUTH_TOKEN_FILE"  # noqa: S105 - a variable name
-_COLOURS = {"SERVING": "\033[32m", "NOT_SERVING": "\033[31m"}
-_OTHER_COLOUR = "\033[33m"
-_RESET = "\033[0m"
 _RELIST_SECONDS = 2.0
 EXIT_CONNECTION_LOST = 5
 """``status --watch --exit-on-loss``: the server went away while watched."""
@@ -61,13 +57,8 @@ _CHANNEL_OPTIONS = (
 )
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> Any:
-        self.exit(EXIT_INVALID_ARGUMENTS, f"{self.prog}: error: {message}\n")
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = Parser(
         prog="petsage-grpc status",
         description="Show every health service of a server (from List), the SmokeTest answer, "
         "and with --watch each transition as it happens.",
@@ -75,6 +66,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--addr", default="localhost:50051", help="host:port (default: %(default)s)"
     )
+    parser.add_argument(
+        "--discover",
+        action="append",
+        metavar="TARGET",
+        help="follow a fleet instead: every replica behind dns:///NAME:PORT, "
+        "dns://DNS-SERVER/NAME:PORT or HOST:PORT (repeat for a list); see docs/cli.md",
+    )
+    add_fleet_flags(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--watch", action="store_true", help="then print transitions until ^C")
     parser.add_argument(
@@ -83,18 +82,7 @@ def _parser() -> argparse.ArgumentParser:
         help=f"with --watch: exit {EXIT_CONNECTION_LOST} when the connection is lost "
         "(default: say so and keep reconnecting)",
     )
-    parser.add_argument("--timeout", default="2s", help="connect and RPC timeout (default: 2s)")
-    parser.add_argument(
-        "--token-file",
-        default=os.environ.get(_TOKEN_ENV),
-        help=f"bearer token for List and the check list (default: ${_TOKEN_ENV})",
-    )
-    parser.add_argument("--tls", action="store_true", help="use TLS")
-    parser.add_argument("--tls-no-verify", action="store_true", help="do not verify the server")
-    parser.add_argument("--tls-ca-cert", default="", help="CA certificates to verify the server")
-    parser.add_argument("--tls-client-cert", default="", help="client certificate (mTLS)")
-    parser.add_argument("--tls-client-key", default="", help="client private key (mTLS)")
-    parser.add_argument("--tls-server-name", default="", help="name to verify the server as")
+    add_client_flags(parser)
     return parser
 
 
@@ -111,6 +99,10 @@ def run_status(argv: Sequence[str]) -> int:
         parser.error("--timeout must be greater than zero")
     if args.exit_on_loss and not args.watch:
         parser.error("--exit-on-loss needs --watch")
+    if args.discover:
+        from petsage_grpc.cli._fleet_command import run_status_fleet  # noqa: PLC0415
+
+        return run_status_fleet(args, parser, timeout=timeout, token=token)
     connection = Connection(
         addr=args.addr,
         user_agent="petsage-grpc-status",
@@ -232,18 +224,12 @@ async def _smoke_test(
     return result
 
 
-def _paint(state: str, out: TextIO) -> str:
-    if not out.isatty() or os.environ.get("NO_COLOR"):
-        return state
-    return f"{_COLOURS.get(state, _OTHER_COLOUR)}{state}{_RESET}"
-
-
 def _print_table(states: dict[str, str], smoke: dict[str, Any], out: TextIO) -> None:
     shown = {name or json.dumps(name): state for name, state in states.items()}
     width = max([len("SERVICE"), *(len(name) for name in shown)])
     print(f"{'SERVICE':<{width}}  STATUS", file=out)
     for name, state in shown.items():
-        print(f"{name:<{width}}  {_paint(state, out)}", file=out)
+        print(f"{name:<{width}}  {paint(state, out)}", file=out)
     if "error" in smoke:
         print(f"\nsmoke test: {smoke['error']}: {smoke['message']}", file=out)
     else:
@@ -349,7 +335,7 @@ async def _watch(
                 _event(
                     out,
                     as_json,
-                    f"{shown} {old} -> {_paint(new, out)}",
+                    f"{shown} {old} -> {paint(new, out)}",
                     service=name,
                     **{"from": old, "to": new},
                 )

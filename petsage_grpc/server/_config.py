@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from petsage_grpc._durations import parse_duration
+from petsage_grpc._extras import CHECK_KIND_EXTRAS, missing_extra
 from petsage_grpc.board._check import Check
 from petsage_grpc.board._dependencies import resolve_callable
 from petsage_grpc.server._settings import SERVER_SETTINGS
@@ -189,6 +190,12 @@ def _check(entry: Mapping[str, Any], problem: Callable[[str, str], None]) -> Che
     if problems or bad_durations or missing_env:
         return None
     check = Check(**values)
+    if check.kind in CHECK_KIND_EXTRAS:
+        extra, modules = CHECK_KIND_EXTRAS[check.kind]
+        missing = missing_extra(extra, feature=repr(check.kind), modules=modules)
+        if missing is not None:
+            problem("kind", missing)
+            return None
     if check.kind == "python" and isinstance(check.target, str):
         try:
             resolve_callable(check.target)

@@ -1,23 +1,11 @@
-"""The standalone server's memory watermark, and memory given back after a peak.
+"""The server's memory watermark, and memory given back after a peak.
 
-grpc core does not bound everything a client can make it hold (docs/reliability.md:
-the CONTINUATION flood), and glibc keeps freed heap memory, so RSS after an attack
-would stay near its peak. Once a second the guard reads the process's RSS:
-
-- above the watermark, new Watch streams on the main server are refused with
-  RESOURCE_EXHAUSTED (one warning line), until RSS is back under 80 % of the budget:
-  the health service asks :meth:`MemoryGuard.admits_watch` (no interceptor, so no
-  cost on any other call);
-- when RSS is more than 1.3 times what it was once started, ``malloc_trim(0)`` returns
-  free heap pages to the system (at most every 5 s; a call took 0.04 ms on a 100 MB heap
-  here).
-
-glibc gives each thread that allocates while its arenas are busy an arena of its own
-(up to 8 per core), and what a flood frees in one stays there, spread over pages that
-one live allocation keeps resident, where ``malloc_trim`` cannot give it back. Under a
-rapid reset grpc core's threads allocate and free hundreds of MiB a second: with
-glibc's default (11 heaps here) RSS stayed at 2.3-2.4 times its baseline 30 s after,
-with :data:`HEAP_ARENAS` (:func:`limit_heap_arenas`) at 1.24-1.56 (docs/reliability.md).
+Once a second the guard reads the process's RSS (Linux ``/proc``): above the watermark
+new Watch streams on the main server are refused (the health service asks
+:meth:`MemoryGuard.admits_watch`; no interceptor, so no cost on other calls) until RSS is
+back under the release mark; once a peak has passed (RSS well above what it was at start
+and no longer growing), ``malloc_trim(0)`` gives glibc's free heap pages back, on a
+thread of its own. Why and the figures: docs/reliability.md, "Memory given back".
 """
 
 from __future__ import annotations
@@ -26,16 +14,24 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
 from collections.abc import Callable
 from typing import Any, Final
 
-__all__ = ["HEAP_ARENAS", "PAGE_SIZE", "MemoryGuard", "limit_heap_arenas", "rss_bytes"]
+__all__ = [
+    "HEAP_ARENAS",
+    "PAGE_SIZE",
+    "MemoryGuard",
+    "glibc_function",
+    "limit_heap_arenas",
+    "rss_bytes",
+]
 
 _log = logging.getLogger("petsage_grpc.server")
 PAGE_SIZE: Final = os.sysconf("SC_PAGE_SIZE")
 HEAP_ARENAS: Final = 2
 """glibc malloc arenas that every thread of the process shares (glibc's default: up to 8
-per core, so grpc core's threads each got one)."""
+per core); the image sets ``MALLOC_ARENA_MAX`` to the same."""
 _M_ARENA_MAX: Final = -8
 """mallopt's parameter number for the arena cap (glibc's malloc.h)."""
 _TRIM_RATIO: Final = 1.3
@@ -48,7 +44,7 @@ def rss_bytes() -> int:
         return int(statm.read().split()[1]) * PAGE_SIZE
 
 
-def _glibc(name: str, *argtypes: Any) -> Callable[..., int] | None:
+def glibc_function(name: str, *argtypes: Any) -> Callable[..., int] | None:
     """The C library's function *name*, or None where it has none (musl, macOS)."""
     # ctypes (0.2 MiB) only when asked: an embedding application never loads it.
     import ctypes  # noqa: PLC0415
@@ -69,7 +65,7 @@ def limit_heap_arenas() -> bool:
     """
     import ctypes  # noqa: PLC0415
 
-    mallopt = _glibc("mallopt", ctypes.c_int, ctypes.c_int)
+    mallopt = glibc_function("mallopt", ctypes.c_int, ctypes.c_int)
     return mallopt is not None and bool(mallopt(_M_ARENA_MAX, HEAP_ARENAS))
 
 
@@ -77,20 +73,24 @@ def _malloc_trim() -> Callable[[], Any] | None:
     """The C library's malloc_trim(0) (glibc), or None where there is none (musl, macOS)."""
     import ctypes  # noqa: PLC0415
 
-    trim = _glibc("malloc_trim", ctypes.c_size_t)
+    trim = glibc_function("malloc_trim", ctypes.c_size_t)
     return None if trim is None else lambda: trim(0)
 
 
 class MemoryGuard:
     """Watches RSS against *watermark_mib* of *budget_mib*; the main server's Watch asks it."""
 
-    def __init__(self, *, budget_mib: int, watermark_mib: int) -> None:
+    def __init__(
+        self, *, budget_mib: int, watermark_mib: int, release_mib: int, give_back: bool = True
+    ) -> None:
         self._watermark = watermark_mib * 2**20
-        self._release = budget_mib * 2**20 * 8 // 10
+        self._release = release_mib * 2**20
         self._budget_mib = budget_mib
+        self._percents = (watermark_mib * 100 // budget_mib, release_mib * 100 // budget_mib)
         self.shedding = False
         self._trim: Callable[[], Any] | None = None
-        self._trim_missing = False
+        self._trim_missing = not give_back
+        self._trimming: threading.Thread | None = None
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -106,7 +106,7 @@ class MemoryGuard:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        started_at = rss_bytes()
+        started_at = previous = rss_bytes()
         trimmed_at = 0.0
         while True:
             await asyncio.sleep(1.0)
@@ -114,10 +114,12 @@ class MemoryGuard:
             if not self.shedding and rss > self._watermark:
                 self.shedding = True
                 _log.warning(
-                    "memory at %d MiB, above 90 %% of the %d MiB budget: refusing new Watch "
-                    "streams until it is back under 80 %%",
+                    "memory at %d MiB, above %d %% of the %d MiB budget: refusing new Watch "
+                    "streams until it is back under %d %%",
                     rss >> 20,
+                    self._percents[0],
                     self._budget_mib,
+                    self._percents[1],
                     extra={"event": "memory_high"},
                 )
             elif self.shedding and rss < self._release:
@@ -128,16 +130,23 @@ class MemoryGuard:
                     extra={"event": "memory_ok"},
                 )
             now = loop.time()
-            if rss > started_at * _TRIM_RATIO and now - trimmed_at > _TRIM_EVERY:
+            # Only once the peak has passed: trimming while memory still grows frees
+            # pages that are taken again at once, and holds malloc's lock meanwhile.
+            peak_passed = rss <= previous
+            previous = rss
+            if peak_passed and rss > started_at * _TRIM_RATIO and now - trimmed_at > _TRIM_EVERY:
                 trimmed_at = now
                 self._give_back()
 
     def _give_back(self) -> None:
+        """malloc_trim(0) on a thread of its own (it walks the whole heap), one at a time."""
         if self._trim is None and not self._trim_missing:
             self._trim = _malloc_trim()
             self._trim_missing = self._trim is None
-        if self._trim is not None:
-            self._trim()
+        if self._trim is None or (self._trimming is not None and self._trimming.is_alive()):
+            return
+        self._trimming = threading.Thread(target=self._trim, name="petsage-trim", daemon=True)
+        self._trimming.start()
 
     def admits_watch(self) -> bool:
         """Whether a new Watch stream may open: False while memory is above the watermark."""

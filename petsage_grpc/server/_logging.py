@@ -3,8 +3,9 @@
 In JSON, every line the server writes to stderr is one JSON object, from the first:
 problems found before the server runs (:func:`startup_error_line`), Python warnings and
 exceptions that escape a thread included. grpc core writes its own lines in its own
-format and offers no way to route them here (grpc/grpc#38703), so the command line
-silences it unless ``GRPC_VERBOSITY`` is set (docs/operations.md).
+format and offers no way to route them here (grpc/grpc#38703): the server re-logs what
+it wrote during start-up and silences it after (``server/_process.py``,
+docs/operations.md).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ _EXTRA_FIELDS: Final = (
     "port",
     "kind",
     "count",
+    "budget_mib",
+    "source",
 )
 
 

@@ -34,8 +34,10 @@ class _StateCollector(Collector):
         *,
         with_checks: bool,
         closed_connections: Callable[[], Mapping[str, int]] | None = None,
+        memory_budget: tuple[int, str] | None = None,
     ) -> None:
         self._closed_connections = closed_connections
+        self._memory_budget = memory_budget
         self._board = board
         self._monitor = monitor
         self._heartbeat = heartbeat
@@ -64,6 +66,15 @@ class _StateCollector(Collector):
                 "(liveness then reports NOT_SERVING).",
                 value=self._heartbeat.stalls,
             )
+        if self._memory_budget is not None:
+            budget = GaugeMetricFamily(
+                "petsage_grpc_memory_budget_bytes",
+                "The memory budget every cap is derived from, by where it came from "
+                "(configured, container, default).",
+                labels=["source"],
+            )
+            budget.add_metric([self._memory_budget[1]], self._memory_budget[0])
+            yield budget
         if self._closed_connections is not None:
             closed = CounterMetricFamily(
                 "petsage_grpc_connections_closed",
@@ -211,7 +222,9 @@ class Metrics:
         *,
         heartbeat: LoopHeartbeat | None = None,
         closed_connections: Callable[[], Mapping[str, int]] | None = None,
+        memory_budget: tuple[int, str] | None = None,
     ) -> None:
+        """*memory_budget*: (bytes, source) for ``petsage_grpc_memory_budget_bytes``."""
         self.registry = CollectorRegistry()
         """Everything, check names included."""
         self._public = CollectorRegistry()
@@ -223,6 +236,7 @@ class Metrics:
                     heartbeat,
                     with_checks=with_checks,
                     closed_connections=closed_connections,
+                    memory_budget=memory_budget,
                 )
             )
         self.interceptor: grpc.aio.ServerInterceptor = _RpcCounter(self.registry, self._public)

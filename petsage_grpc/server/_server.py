@@ -1,4 +1,8 @@
-"""The standalone server: a grpc.aio server with the PetSage services, run until a signal."""
+"""The server: a grpc.aio server with the PetSage services, run until a signal.
+
+``serve()`` is the one server: ``petsage-grpc serve`` only turns its flags into
+:class:`ServeOptions`. Every cap comes from one memory budget (``server/_budget.py``).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import contextlib
 import errno
 import gc
 import logging
+import os
 import signal
 import socket
 from collections.abc import Callable
@@ -15,20 +20,29 @@ from typing import TYPE_CHECKING, Final
 
 import grpc
 
+from petsage_grpc._extras import require_extra
 from petsage_grpc.board._check import Check
 from petsage_grpc.board._heartbeat import DEFAULT_STALL_SECONDS, LoopHeartbeat
 from petsage_grpc.board._monitor import HealthMonitor
 from petsage_grpc.board._status import StatusBoard
+from petsage_grpc.server._budget import Bounds, derive_bounds
+from petsage_grpc.server._process import NativeStderr, Platform, platform, tune_process
 from petsage_grpc.services._auth import BearerToken
 from petsage_grpc.services._drain import graceful_stop
 from petsage_grpc.services._embed import add_to_server
 from petsage_grpc.services._health import HealthLimits
 from petsage_grpc.services._probe_listener import ProbeListener
 
-__all__ = ["SERVER_OPTIONS", "ListenError", "ServeOptions", "format_address", "serve"]
+__all__ = [
+    "SERVER_OPTIONS",
+    "ListenError",
+    "ServeOptions",
+    "format_address",
+    "serve",
+    "server_options",
+]
 
 if TYPE_CHECKING:
-    from petsage_grpc.server._budget import Bounds
     from petsage_grpc.server._guard import MemoryGuard
     from petsage_grpc.server._http import HttpFace
     from petsage_grpc.server._reload import ConfigReloader
@@ -70,12 +84,23 @@ SERVER_OPTIONS: Final[tuple[tuple[str, int], ...]] = (
     ("grpc.max_connection_age_ms", 30 * 60_000),
     ("grpc.max_connection_age_grace_ms", 5 * 60_000),
 )
-"""grpc.aio server options for a health server; pass them when embedding, too."""
+"""grpc.aio server options for a health server, before the budget's caps
+(:func:`server_options` merges them)."""
+
+
+def server_options(bounds: Bounds) -> tuple[tuple[str, int], ...]:
+    """SERVER_OPTIONS with the budget's caps in place: what ``serve()`` gives grpc.aio.
+
+    For an embedding application's own ``grpc.aio.server(options=...)``; *bounds* from
+    :func:`petsage_grpc.derive_bounds`. grpc core keeps the first of two options with
+    one name, so the budget's values replace SERVER_OPTIONS' ones rather than follow them.
+    """
+    return tuple({**dict(SERVER_OPTIONS), **dict(bounds.grpc_options())}.items())
 
 
 @dataclass(frozen=True, kw_only=True)
 class ServeOptions:
-    """How the standalone server listens and stops."""
+    """How the server listens, what its memory budget is, and how it stops."""
 
     host: str = ""
     """Address to listen on; "" means every interface (IPv6 and IPv4)."""
@@ -99,8 +124,26 @@ class ServeOptions:
     """Bearer token for List, SmokeTest's check list and (see below) reflection."""
     protect_reflection: bool = True
     """With a token, reflection requires it too."""
-    limits: HealthLimits = field(default_factory=HealthLimits)
-    """Caps on List size, service name length and Watch streams."""
+    memory_budget_mib: int | None = None
+    """Memory the server must stay within, in MiB; every cap is derived from it
+    (:func:`petsage_grpc.derive_bounds`). None: the container's memory limit (cgroup v2
+    ``memory.max``, v1 ``memory.limit_in_bytes``), or 128 where there is none."""
+    max_watch_streams: int | None = None
+    """Open Watch streams in all; None: from the budget."""
+    max_watch_streams_per_connection: int | None = None
+    """Open Watch streams on one connection; None: from the budget."""
+    max_connections_per_address: int | None = None
+    """gRPC connections from one peer address before its newest are closed; None: from
+    the budget."""
+    shed_connections: bool = True
+    """Close connections over the per-address cap and floods from the side (Linux)."""
+    tune_process: bool = True
+    """Make the process-wide changes of a server that owns its process (open-files limit,
+    malloc arenas, gc freeze after start-up, grpc core's log lines off after start-up);
+    each is logged. False leaves the process as it is."""
+    limits: HealthLimits | None = None
+    """List size, service name length and request timeout; its Watch and waiting-call caps
+    replace the budget's. None: HealthLimits' defaults with the budget's caps."""
     checks: tuple[Check, ...] = ()
     """Dependency checks that readiness follows."""
     report_checks: bool = True
@@ -109,9 +152,6 @@ class ServeOptions:
     """The configuration file that SIGHUP re-reads (its checks change without a restart)."""
     config_poll_seconds: float = 0.0
     """Also re-read the configuration file when it changes, looking this often; 0: off."""
-    bounds: Bounds | None = None
-    """Caps derived from a memory budget (``derive_bounds``), with the memory watermark;
-    None: SERVER_OPTIONS and *limits* alone, no watermark."""
     http_access_log: bool = False
     """Log one INFO line per HTTP request."""
 
@@ -168,7 +208,7 @@ def _bind_problem(host: str, port: int) -> str | None:
 class _Assembly:
     """Everything serve() runs, built before anything starts."""
 
-    servers: list[grpc.aio.Server]
+    server: grpc.aio.Server
     port: int
     monitor: HealthMonitor
     http: HttpFace | None
@@ -187,12 +227,45 @@ def _check_addresses(options: ServeOptions) -> None:
             raise ListenError(f"cannot listen on {format_address(options.host, port)}: {problem}")
 
 
-async def _assemble(options: ServeOptions, board: StatusBoard) -> _Assembly:
-    if options.bounds is not None:
-        from petsage_grpc.server._guard import limit_heap_arenas  # noqa: PLC0415
+def _bounds(options: ServeOptions) -> Bounds:
+    """Every cap of this server, from its one budget (the caps given explicitly win)."""
+    return derive_bounds(
+        options.memory_budget_mib,
+        max_watch_streams=options.max_watch_streams,
+        max_watch_streams_per_connection=options.max_watch_streams_per_connection,
+        max_connections_per_address=options.max_connections_per_address,
+    )
 
-        # Before any grpc server starts its threads (docs/reliability.md, rapid reset).
-        limit_heap_arenas()
+
+def _defences(
+    options: ServeOptions, bounds: Bounds, found: Platform
+) -> tuple[MemoryGuard | None, ConnectionShedder | None]:
+    """The memory guard and the connection shedder, where this platform has what they need."""
+    guard = shedder = None
+    if found.proc:
+        from petsage_grpc.server._guard import MemoryGuard  # noqa: PLC0415
+
+        guard = MemoryGuard(
+            budget_mib=bounds.budget_mib,
+            watermark_mib=bounds.watermark_mib,
+            release_mib=bounds.release_mib,
+            give_back=found.glibc,
+        )
+    if options.shed_connections and found.proc and found.tcp_info:
+        from petsage_grpc.server._shedder import ConnectionShedder  # noqa: PLC0415
+
+        # What grpc core lets one client hold and gives no way to close: closed by the
+        # kernel (docs/reliability.md, "Closing connections grpc core keeps").
+        shedder = ConnectionShedder(
+            max_per_address=bounds.max_grpc_connections_per_address,
+            memory_high_bytes=bounds.release_mib * 2**20,
+        )
+    return guard, shedder
+
+
+async def _assemble(
+    options: ServeOptions, board: StatusBoard, bounds: Bounds, found: Platform
+) -> _Assembly:
     credentials = None
     if options.tls is not None:
         # Loaded only when used, like the HTTP face below: every module costs start-up
@@ -203,6 +276,7 @@ async def _assemble(options: ServeOptions, board: StatusBoard) -> _Assembly:
             credentials = server_credentials(options.tls)
         except TlsError as error:
             raise ListenError(str(error)) from None
+    limits = bounds.health_limits() if options.limits is None else options.limits
     monitor = HealthMonitor(board, options.checks)
     probe = heartbeat = None
     if options.probe_port is not None:
@@ -213,7 +287,7 @@ async def _assemble(options: ServeOptions, board: StatusBoard) -> _Assembly:
             port=options.probe_port,
             stall_seconds=options.loop_stall_seconds,
             shed_lag_seconds=options.shed_lag_seconds,
-            max_service_name_length=options.limits.max_service_name_length,
+            max_service_name_length=limits.max_service_name_length,
         )
         heartbeat = probe.heartbeat
     elif options.http_port is not None:
@@ -223,24 +297,12 @@ async def _assemble(options: ServeOptions, board: StatusBoard) -> _Assembly:
             stall_seconds=options.loop_stall_seconds,
             shed_lag_seconds=options.shed_lag_seconds,
         )
-    guard = shedder = None
-    if options.bounds is not None:
-        from petsage_grpc.server._guard import MemoryGuard  # noqa: PLC0415
-        from petsage_grpc.server._shedder import ConnectionShedder  # noqa: PLC0415
-
-        guard = MemoryGuard(
-            budget_mib=options.bounds.budget_mib, watermark_mib=options.bounds.watermark_mib
-        )
-        # What grpc core lets one client hold and gives no way to close: closed by the
-        # kernel (docs/reliability.md, "Closing connections grpc core keeps").
-        shedder = ConnectionShedder(
-            max_per_address=options.bounds.max_grpc_connections_per_address,
-            memory_high_bytes=options.bounds.budget_mib * 2**20 * 8 // 10,
-        )
+    guard, shedder = _defences(options, bounds, found)
     metrics = http = None
     if options.http_port is not None:
         # aiohttp and prometheus-client cost a quarter of a second to import and memory
-        # to hold: only for servers that serve HTTP.
+        # to hold: only for servers that serve HTTP (and only installed with the extra).
+        require_extra("http", feature="http_port")
         from petsage_grpc.server._http import HttpFace, HttpLimits  # noqa: PLC0415
         from petsage_grpc.server._metrics import Metrics  # noqa: PLC0415
 
@@ -249,6 +311,7 @@ async def _assemble(options: ServeOptions, board: StatusBoard) -> _Assembly:
             monitor,
             heartbeat=heartbeat,
             closed_connections=None if shedder is None else shedder.counts,
+            memory_budget=(bounds.budget_mib * 2**20, bounds.budget.source),
         )
         http = HttpFace(
             board,
@@ -260,21 +323,14 @@ async def _assemble(options: ServeOptions, board: StatusBoard) -> _Assembly:
             limits=HttpLimits(access_log=options.http_access_log),
         )
     interceptors: list[grpc.aio.ServerInterceptor] = []
-    server_options = SERVER_OPTIONS
-    if options.bounds is not None:
-        # grpc core keeps the first of two options with one name: the budget's caps
-        # replace SERVER_OPTIONS' ones, not follow them.
-        server_options = tuple(
-            {**dict(SERVER_OPTIONS), **dict(options.bounds.grpc_options())}.items()
-        )
     if metrics is not None:
         interceptors.append(metrics.interceptor)
     # The budget's caps belong to the main server; the probe listener keeps its own.
-    server = grpc.aio.server(options=server_options, interceptors=interceptors or None)
+    server = grpc.aio.server(options=server_options(bounds), interceptors=interceptors or None)
     add_to_server(
         server,
         board=board,
-        limits=options.limits,
+        limits=limits,
         report_checks=options.report_checks,
         auth_token=options.auth_token,
         protect_reflection=options.protect_reflection,
@@ -287,11 +343,12 @@ async def _assemble(options: ServeOptions, board: StatusBoard) -> _Assembly:
         else:
             port = server.add_secure_port(address, credentials)
     except RuntimeError:
-        # Lost a race for a port since the check above; grpc has logged the details.
+        # Lost a race for a port since the check above; grpc core's own line (logged
+        # after this, as a warning) may say more.
         await server.stop(None)
         raise ListenError(f"cannot listen on {address}") from None
     return _Assembly(
-        servers=[server],
+        server=server,
         port=port,
         monitor=monitor,
         http=http,
@@ -302,6 +359,37 @@ async def _assemble(options: ServeOptions, board: StatusBoard) -> _Assembly:
     )
 
 
+def _log_start_up(bounds: Bounds, process: list[str], found: Platform) -> None:
+    """The budget and where it came from, the process-wide changes, the defences off."""
+    budget = bounds.budget
+    _log.info(
+        "memory budget %d MiB, %s: %d Watch streams (%d per connection), %d gRPC "
+        "connections (%d per address), watermark %d MiB",
+        budget.mib,
+        budget.describe(),
+        bounds.max_watch_streams,
+        bounds.max_watch_streams_per_connection,
+        bounds.max_grpc_connections,
+        bounds.max_grpc_connections_per_address,
+        bounds.watermark_mib,
+        extra={"event": "budget", "budget_mib": budget.mib, "source": budget.source},
+    )
+    _log.debug(
+        "grpc options: %s",
+        ", ".join(f"{name}={value}" for name, value in server_options(bounds)),
+        extra={"event": "grpc_options"},
+    )
+    if process:
+        _log.info("process set-up: %s", ", ".join(process), extra={"event": "process"})
+    gaps = found.missing()
+    if gaps:
+        _log.warning(
+            "defences off on this platform: %s; every other limit applies",
+            "; ".join(gaps),
+            extra={"event": "platform"},
+        )
+
+
 async def serve(
     options: ServeOptions,
     *,
@@ -310,44 +398,89 @@ async def serve(
 ) -> None:
     """Run the server until SIGTERM or SIGINT, then stop gracefully and return.
 
+    ``petsage-grpc serve`` is this call. Every cap comes from one memory budget
+    (:attr:`ServeOptions.memory_budget_mib`; start-up logs it and where it came from).
     A second signal cuts the drain and grace periods short.
 
     Raises:
         ListenError: an address cannot be listened on, or the TLS files are unusable;
             nothing is left running.
+        BudgetError: the memory budget is too small (a ValueError); nothing has started.
+        MissingExtraError: an ``ImportError``: *http_port* or a check needs an extra
+            that is not installed; nothing was started.
     """
     _check_addresses(options)
+    found = platform()
+    process = []
+    if options.tune_process:
+        process = [*tune_process(arenas=found.glibc), "gc frozen after start-up"]
+    bounds = _bounds(options)
     board = StatusBoard() if board is None else board
-    parts = await _assemble(options, board)
+    start_up = _StartUp(bounds, found, NativeStderr(keep_after_start=_grpc_log_asked()), process)
+    if options.tune_process:
+        start_up.native.capture()
+    try:
+        await _run(options, board, start_up, on_listening)
+    finally:
+        start_up.native.restore()
+    _log.info("stopped", extra={"event": "stopped"})
+
+
+def _grpc_log_asked() -> bool:
+    """Whether the operator asked grpc core for more than errors (then its lines stay)."""
+    verbosity = os.environ.get("GRPC_VERBOSITY", "").upper()
+    return verbosity in {"DEBUG", "INFO"} or bool(os.environ.get("GRPC_TRACE"))
+
+
+@dataclass
+class _StartUp:
+    """What serve() settled before assembling: the caps, the platform, the process."""
+
+    bounds: Bounds
+    found: Platform
+    native: NativeStderr
+    process: list[str]
+
+
+async def _start(parts: _Assembly, options: ServeOptions, stack: contextlib.AsyncExitStack) -> None:
+    """Start every part, each one's stop pushed on *stack* (so stopped in reverse)."""
+    if parts.probe is not None:
+        # First in, so last out: the probe listener stops after the server. Stopping
+        # one that never started does nothing.
+        stack.push_async_callback(parts.probe.stop, 0)
+    stack.push_async_callback(parts.server.stop, None)
+    # Before the first answer, so that readiness already follows the checks.
+    await parts.monitor.start()
+    stack.push_async_callback(parts.monitor.stop)
+    await _start_probe_listener(parts, options, stack)
+    await parts.server.start()
+    if parts.guard is not None:
+        parts.guard.start()
+        stack.push_async_callback(parts.guard.stop)
+    if parts.shedder is not None:
+        parts.shedder.start(port=parts.port)
+        stack.callback(parts.shedder.stop)
+    if parts.http is not None and options.http_port is not None:
+        try:
+            await parts.http.start(options.host, options.http_port)
+        except OSError as error:
+            address = format_address(options.host, options.http_port)
+            raise ListenError(f"cannot listen on {address}: {error.strerror or error}") from None
+        stack.push_async_callback(parts.http.stop)
+
+
+async def _run(
+    options: ServeOptions,
+    board: StatusBoard,
+    start_up: _StartUp,
+    on_listening: Callable[[int], None] | None,
+) -> None:
+    parts = await _assemble(options, board, start_up.bounds, start_up.found)
     async with contextlib.AsyncExitStack() as stack:
         signals = stack.enter_context(_Signals())
-        if parts.probe is not None:
-            # First in, so last out: the probe listener stops after the servers. Stopping
-            # one that never started does nothing.
-            stack.push_async_callback(parts.probe.stop, 0)
-        for each in parts.servers:
-            stack.push_async_callback(each.stop, None)
-        # Before the first answer, so that readiness already follows the checks.
-        await parts.monitor.start()
-        stack.push_async_callback(parts.monitor.stop)
-        await _start_probe_listener(parts, options, stack)
-        for each in parts.servers:
-            await each.start()
-        if parts.guard is not None:
-            parts.guard.start()
-            stack.push_async_callback(parts.guard.stop)
-        if parts.shedder is not None:
-            parts.shedder.start(port=parts.port)
-            stack.callback(parts.shedder.stop)
-        if parts.http is not None and options.http_port is not None:
-            try:
-                await parts.http.start(options.host, options.http_port)
-            except OSError as error:
-                address = format_address(options.host, options.http_port)
-                raise ListenError(
-                    f"cannot listen on {address}: {error.strerror or error}"
-                ) from None
-            stack.push_async_callback(parts.http.stop)
+        await _start(parts, options, stack)
+        # Started: what grpc core said while binding is logged, its later lines are off.
+        start_up.native.release()
         bound = format_address(options.host, parts.port)
         _log.info(
             "serving on %s%s",
@@ -361,6 +494,9 @@ async def serve(
                 parts.probe.port,
                 extra={"event": "probe_port", "port": parts.probe.port},
             )
+        _log_start_up(start_up.bounds, start_up.process, start_up.found)
+        if not options.shed_connections:
+            _log.info("connection shedder off, as configured", extra={"event": "shedder_off"})
         if on_listening is not None:
             on_listening(parts.port)
         if options.config_path is not None:
@@ -370,16 +506,19 @@ async def serve(
             if options.config_poll_seconds > 0:
                 polling = asyncio.create_task(signals.reloader.poll(options.config_poll_seconds))
                 stack.callback(polling.cancel)
-        # What start-up allocated lives as long as the process: keep it out of every
-        # later collection.
-        gc.freeze()
+        if options.tune_process:
+            # What start-up allocated lives as long as the process: keep it out of every
+            # later collection.
+            gc.freeze()
         await signals.stop.wait()
         # A full collection can take tens of milliseconds under load; none must land
         # between SIGTERM and every watcher hearing NOT_SERVING. The drain is short.
-        gc.disable()
+        collecting = gc.isenabled()
+        if options.tune_process:
+            gc.disable()
         try:
             await graceful_stop(
-                parts.servers,
+                parts.server,
                 board,
                 drain_seconds=options.drain_seconds,
                 grace_seconds=options.grace_seconds,
@@ -387,8 +526,8 @@ async def serve(
                 probe_listener=parts.probe,
             )
         finally:
-            gc.enable()
-    _log.info("stopped", extra={"event": "stopped"})
+            if collecting:
+                gc.enable()
 
 
 async def _start_probe_listener(

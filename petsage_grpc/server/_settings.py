@@ -198,9 +198,10 @@ SERVER_SETTINGS: Final = (
     Setting(
         "memory_budget",
         _mebibytes,
-        128,
+        None,
         "memory the server must stay within, in MiB (e.g. 128, 512Mi, 1Gi); every per-client "
-        "cap is derived from it (default: 128, the manifest's limit)",
+        "cap is derived from it (default: the container's memory limit, read from its cgroup; "
+        "128 where there is none)",
     ),
     Setting(
         "max_watch_streams",
@@ -222,6 +223,13 @@ SERVER_SETTINGS: Final = (
         None,
         "gRPC connections from one peer address before its newest are closed (default: from "
         "--memory-budget, 76 for 128 MiB)",
+    ),
+    Setting(
+        "shed_connections",
+        _boolean,
+        True,
+        "close gRPC connections over the per-address cap, and floods, from the side "
+        "(Linux; default: true)",
     ),
     Setting(
         "http_access_log",

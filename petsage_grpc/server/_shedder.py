@@ -1,32 +1,25 @@
 """Closes the main port's connections that grpc core gives no way to close.
 
 grpc.aio cannot close one connection from the server side, and grpc core bounds neither
-a CONTINUATION flood nor connections per peer (docs/reliability.md, "Hostile clients").
-The kernel can: ``shutdown()`` on the connection's socket makes grpc core read end of
-file and tear the transport down itself, freeing everything it held for it. The shedder
-finds the main port's connections among the process's descriptors, on a thread of its
-own (so it acts however busy the event loop is), and sheds:
+a CONTINUATION flood nor connections per peer. The kernel can: ``shutdown()`` on the
+connection's socket makes grpc core read end of file and tear the transport down itself,
+freeing everything it held for it. The shedder finds the main port's connections among
+the process's descriptors, on a thread of its own (so it acts however busy the event
+loop is), and sheds:
 
 - **per address**: connections from one peer address beyond ``max_per_address``, the
-  newest first (a cap on new connections, enforced within a tick), so that one client
-  cannot fill ``grpc.max_allowed_incoming_connections`` and lock probes out;
-- **floods, once memory grows** (RSS 1.15 times what it was at start) **or the process
-  is busy** (over half a core since the last look): a connection
-  that, at two looks in a row, received more than ``fast_bytes_per_second`` since the
-  last look (at least 64 KiB; at the first look, everything it ever received) while the
-  server sent it less than an eighth of that: headers that never end, streams reset as
-  soon as they open. A health client gets about as much back as it sends. Above
-  ``memory_high_bytes``, any connection receiving that fast. (Closing every new
-  connection of a flooding address on sight was tried: against rapid reset, tearing
-  down hundreds of fresh streams a second starved the probe port.)
+  newest first, so that one client cannot fill ``grpc.max_allowed_incoming_connections``
+  and lock probes out;
+- **floods, once memory grows or the process is busy**: a connection that, at two looks
+  in a row, received more than ``fast_bytes_per_second`` since the last look while the
+  server sent it less than an eighth of that (headers that never end, streams reset as
+  soon as they open; a health client gets about as much back as it sends). Above
+  ``memory_high_bytes``, any connection receiving that fast.
 
 It never closes a descriptor: it shuts down a duplicate of one, checked to be the same
 socket, so that a descriptor grpc core has meanwhile closed and reused is never touched.
-Cost: RSS, CPU time and a count of descriptors every 100 ms (about 25 µs; an idle
-server used 0.04-0.06 s of CPU in 30 s, against 0.02 s without); each connection's
-address and byte counters (a few microseconds each) only while there are more
-descriptors than ``max_per_address``, memory has grown or the process is busy. Linux
-only (``/proc``, ``TCP_INFO``).
+Linux only (``/proc``, ``TCP_INFO``); ``serve`` leaves it off elsewhere. Its rules, cost
+and the figures behind them: docs/reliability.md, "Closing connections grpc core keeps".
 """
 
 from __future__ import annotations

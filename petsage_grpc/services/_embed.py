@@ -25,7 +25,6 @@ def add_to_server(
     report_checks: bool = True,
     auth_token: str | None = None,
     protect_reflection: bool = True,
-    probe_server: grpc.aio.Server | None = None,
     admit_watch: Callable[[], bool] | None = None,
 ) -> StatusBoard:
     """Add ``grpc.health.v1.Health``, ``petsage.v1.SmokeTestService`` and reflection to *server*.
@@ -51,11 +50,13 @@ def add_to_server(
             *protect_reflection*) reflection require as ``authorization: Bearer <token>``.
             Check and Watch never require it. None: nothing requires a token.
         protect_reflection: With *auth_token*, reflection requires it too.
-        probe_server: A second server (typically plaintext, for kubelet probes while
-            *server* requires TLS) on which to serve Health's Check and Watch only.
         admit_watch: Asked before each new Watch stream, beyond *limits*; False refuses
             the stream with RESOURCE_EXHAUSTED (the standalone server refuses them while
             its memory is above the budget's watermark). None admits up to *limits*.
+
+    For the budgeted caps the standalone server runs with, create *server* with
+    ``options=petsage_grpc.server_options(bounds)`` and pass
+    ``limits=bounds.health_limits()`` (*bounds* from :func:`petsage_grpc.derive_bounds`).
 
     Returns:
         The status board, the single source of truth for what the server reports.
@@ -73,7 +74,6 @@ def add_to_server(
         board,
         limits=limits,
         auth=auth,
-        probe_server=probe_server,
         gate=gate,
         admit_watch=admit_watch,
     )

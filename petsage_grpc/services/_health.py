@@ -189,15 +189,12 @@ def add_health_service(
     *,
     limits: HealthLimits | None = None,
     auth: BearerToken | None = None,
-    probe_server: grpc.aio.Server | None = None,
     gate: RequestGate | None = None,
     admit_watch: Callable[[], bool] | None = None,
 ) -> None:
     """Register ``grpc.health.v1.Health`` on *server*, answering from *board*.
 
-    With *auth*, List requires the bearer token; Check and Watch never do. On
-    *probe_server* (a plaintext port for kubelet probes beside a TLS one) only Check and
-    Watch are registered, sharing *server*'s Watch stream caps. *admit_watch*, if given,
+    With *auth*, List requires the bearer token; Check and Watch never do. *admit_watch*, if given,
     is asked before each new Watch stream; False refuses it (RESOURCE_EXHAUSTED). *gate*
     bounds the calls waiting for their request message (one from *limits* if None).
     """
@@ -210,6 +207,3 @@ def add_health_service(
         "List": grpc.stream_unary_rpc_method_handler(servicer.list),
     }
     register_service(server, HEALTH_SERVICE, handlers)
-    if probe_server is not None:
-        probes = {name: handlers[name] for name in ("Check", "Watch")}
-        register_service(probe_server, HEALTH_SERVICE, probes)

@@ -13,11 +13,20 @@ from petsage_grpc.board._status import SMOKE_TEST_SERVICE, ServingStatus, Status
 from petsage_grpc.services._auth import BearerToken
 from petsage_grpc.services._registration import RequestGate, register_service
 
-__all__ = ["NOT_SERVING_DETAILS", "SMOKE_TEST_MESSAGE", "add_smoke_test_service", "check_states"]
+__all__ = [
+    "DRAINING_DETAILS",
+    "NOT_SERVING_DETAILS",
+    "SMOKE_TEST_MESSAGE",
+    "add_smoke_test_service",
+    "check_states",
+]
 
 SMOKE_TEST_MESSAGE: Final = "PetSage system is alive and purring."
 # Public: the refusal is fixed text that names no host, dependency or error.
 NOT_SERVING_DETAILS: Final = "PetSage is not serving right now"
+# While draining: tells a follower (the fleet view) a replica on its way out from one
+# whose dependency failed, which the health statuses alone cannot when every check fails.
+DRAINING_DETAILS: Final = "PetSage is draining"
 
 _SERVICE_NAME: Final = smoke_test_service_pb2.DESCRIPTOR.services_by_name[
     "SmokeTestService"
@@ -67,7 +76,8 @@ class _SmokeTestServicer:
         except DecodeError:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed SmokeTestRequest")
         if self._board.get(SMOKE_TEST_SERVICE) is not ServingStatus.SERVING:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, NOT_SERVING_DETAILS)
+            details = DRAINING_DETAILS if self._board.draining else NOT_SERVING_DETAILS
+            await context.abort(grpc.StatusCode.UNAVAILABLE, details)
         if not self._report_checks:
             return self._plain
         if self._auth is not None and not self._auth.allows(context.invocation_metadata()):

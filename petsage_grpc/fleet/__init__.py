@@ -1,0 +1,1 @@
+"""The fleet view: every replica behind a DNS name (or a list), followed over Watch."""
