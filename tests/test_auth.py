@@ -148,6 +148,7 @@ def test_list_without_a_token_is_unauthenticated(channel: grpc.Channel) -> None:
     assert outcome.details == "missing or invalid bearer token"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("value", WRONG_TOKENS)
 def test_list_with_a_wrong_token_is_unauthenticated(channel: grpc.Channel, value: str) -> None:
     outcome = call(channel, LIST, b"", metadata=auth(value))

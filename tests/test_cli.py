@@ -487,7 +487,7 @@ def test_flags_win_over_the_environment(spawn_server: SpawnServer) -> None:
     assert "draining for 0.25s" in wait_for_log(server, "stopped")
 
 
-def wait_for_log(server: ServerProcess, text: str, timeout: float = 10) -> str:
+def wait_for_log(server: ServerProcess, text: str, timeout: float = START_TIMEOUT) -> str:
     """The server's log once it contains *text* (the pump thread may lag the exit)."""
     deadline = time.monotonic() + timeout
     while text not in server.log():
@@ -501,7 +501,7 @@ def _stop_and_read_log(server: ServerProcess) -> list[str]:
     assert check_status(server.address, LIVENESS) is ServingStatus.SERVING
     server.signal(signal.SIGTERM)
     assert server.wait(20) == 0
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + START_TIMEOUT
     while not server.log().endswith("\n") or "stopped" not in server.log():
         if time.monotonic() > deadline:
             pytest.fail(f"no 'stopped' line:\n{server.log()}")

@@ -473,6 +473,7 @@ _PEAK_THEN_TRIM: Final = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_memory_is_given_back_on_a_thread_once_the_peak_has_passed() -> None:
     if not Path("/proc/self/statm").exists():
         pytest.skip("needs /proc")

@@ -369,6 +369,7 @@ def _spawn_as_in_the_manifest(
     return running, http_port, probe_port
 
 
+@pytest.mark.slow
 def test_server_started_as_in_the_manifest_answers_every_probe(
     spawn_server: Callable[..., ServerProcess],
     postgres_cluster: PostgresCluster,
@@ -435,6 +436,7 @@ def test_server_without_the_secret_starts_and_stays_unready_saying_why(
     assert running.process.poll() is None
 
 
+@pytest.mark.slow
 def test_a_changed_configmap_is_applied_without_a_restart(
     spawn_server: Callable[..., ServerProcess],
     postgres_server: PostgresServer,
@@ -518,6 +520,7 @@ def redis_sidecar(tmp_path: Path) -> Iterator[Callable[[], int]]:
             process.wait(10)
 
 
+@pytest.mark.slow
 def test_embedded_backend_started_as_in_the_overlay_answers_every_probe(
     redis_sidecar: Callable[[], int],
 ) -> None:

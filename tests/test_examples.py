@@ -111,6 +111,7 @@ def raw_http(port: int, request: bytes) -> bytes:
     return reply
 
 
+@pytest.mark.slow
 def test_embed_example_is_callable_through_reflection_and_follows_its_store(
     start_example: Callable[..., Example], redis_server: RedisServer
 ) -> None:

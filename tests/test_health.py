@@ -32,7 +32,8 @@ SERVICE_UNKNOWN = ServingStatus.SERVICE_UNKNOWN
 
 RPC_TIMEOUT: Final = 5.0
 WATCH_TIMEOUT: Final = 60.0
-STEP_TIMEOUT: Final = 5.0
+STEP_TIMEOUT: Final = 30.0
+"""Bound on waiting for something asynchronous (generous: the machine is shared)."""
 
 CheckRequest = health_pb2.HealthCheckRequest
 CheckResponse = health_pb2.HealthCheckResponse

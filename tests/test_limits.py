@@ -61,6 +61,7 @@ def request_of_size(size: int) -> bytes:
 # -- request size ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "path", [CHECK, WATCH, SMOKE_TEST, LIST], ids=["check", "watch", "smoke-test", "list"]
 )
@@ -268,6 +269,7 @@ async def _burst(address: str) -> list[bytes | str]:
             await channel.close()
 
 
+@pytest.mark.slow
 def test_burst_of_3000_watch_calls_is_all_accepted(spawn_server: SpawnServer) -> None:
     """The pending-request limits let a reconnect storm queue, not fail, with a budget
     sized for it (256 MiB holds 4,915 Watch streams; the default 128 MiB, 1,638)."""

@@ -40,6 +40,8 @@ PROBE_TIMEOUT: Final = 30.0
 """Bound on one probe subprocess; every probe here finishes in a few seconds at most."""
 FAST_FAIL: Final = "-connect-timeout=300ms"
 """For probes that are expected not to connect: keeps the wait short."""
+PATIENT: Final = ("-connect-timeout=10s", "-rpc-timeout=10s")
+"""Timeouts for a probe whose answer, not its deadline, is under test (within PROBE_TIMEOUT)."""
 SERVER_NAME: Final = "petsage.test"
 """The DNS name in the throwaway server certificate (and nothing else: not 127.0.0.1)."""
 
@@ -71,7 +73,15 @@ class ProbeRun:
 
 
 def probe(*args: str, command: tuple[str, ...] = PYTHON_M) -> ProbeRun:
-    """Run the probe with *args* as a subprocess and return its exit code and output."""
+    """Run the probe with *args* as a subprocess and return its exit code and output.
+
+    A call that sets neither timeout nor asks for -v (which prints them) gets PATIENT
+    ones first: the defaults of 1 s are the kubelet's, and a loaded machine can miss them
+    when what is tested is the answer, not the deadline.
+    """
+    named = {arg.lstrip("-").split("=")[0] for arg in args if arg.startswith("-")}
+    if "addr" in named and not named & {"connect-timeout", "rpc-timeout", "v"}:
+        args = (*PATIENT, *args)
     done = subprocess.run(
         [*command, *args],
         capture_output=True,
@@ -824,6 +834,7 @@ print(f"{attempts} checks answered", flush=True)
 """
 
 
+@pytest.mark.slow
 def test_tls_no_verify_relay_survives_many_connections(tls_port: int) -> None:
     attempts = 1500
     done = subprocess.run(
@@ -835,7 +846,7 @@ def test_tls_no_verify_relay_survives_many_connections(tls_port: int) -> None:
         check=False,
     )
     if "ImportError" in done.stderr or "TypeError" in done.stderr:
-        # Not the bug: the relay's interface changed. Fail loudly, not as the xfail.
+        # Not a relay failure: its interface changed. Say so, rather than fail the assertion.
         raise RuntimeError(f"update this test for the new relay:\n{done.stderr[-2000:]}")
     assert done.returncode == 0, f"exit {done.returncode}: {done.stdout}{done.stderr[-2000:]}"
     assert done.stdout.strip() == f"{attempts} checks answered"
@@ -925,6 +936,7 @@ _GRPC_JS_CASES: Final = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("args", "code", "line"), _GRPC_JS_CASES)
 @pytest.mark.parametrize("security", ["plaintext", "tls", "tls-no-verify"])
 def test_against_grpc_js(
@@ -947,6 +959,7 @@ def test_against_grpc_js(
     assert any(printed.startswith(line) for printed in run.lines), run.stderr
 
 
+@pytest.mark.slow
 def test_grpc_js_tls_mismatch_exits_2(grpc_js: Callable[[bool], int], pki: Pki) -> None:
     tls_port, plain_port = grpc_js(True), grpc_js(False)
     untrusted = probe(f"-addr=127.0.0.1:{tls_port}", FAST_FAIL, "-tls")

@@ -152,6 +152,7 @@ def test_probe_listener_answers_while_the_loop_is_blocked(
         backend.process.kill()
 
 
+@pytest.mark.slow
 def test_a_stall_turns_liveness_not_serving_and_back(start_backend: Callable[..., Backend]) -> None:
     backend = start_backend("--stall-seconds", "0.5")
     with grpc.insecure_channel(f"127.0.0.1:{backend.probe_port}") as channel:
@@ -177,6 +178,7 @@ def test_a_stall_turns_liveness_not_serving_and_back(start_backend: Callable[...
     assert lasted >= 0.5  # at least the threshold: the loop slept for 4 s
 
 
+@pytest.mark.slow
 def test_a_busy_loop_is_not_a_stall(start_backend: Callable[..., Backend]) -> None:
     backend = start_backend("--stall-seconds", "5", "--work-ms", "20")
     with grpc.insecure_channel(f"127.0.0.1:{backend.probe_port}") as channel:
@@ -205,6 +207,7 @@ def test_a_busy_loop_is_not_a_stall(start_backend: Callable[..., Backend]) -> No
     assert figures["max_lag_seconds"] > 0  # the heartbeat did see the loop run late
 
 
+@pytest.mark.slow
 def test_readiness_follows_loop_lag_when_asked(start_backend: Callable[..., Backend]) -> None:
     backend = start_backend("--stall-seconds", "30", "--shed-lag-seconds", "0.05")
     stop_load = threading.Event()

@@ -34,6 +34,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tcp_listener import free_port
 from test_http import FAST, Listener, check_table, wait_for_status
 
+pytestmark = pytest.mark.slow
+
 PROMETHEUS: Final = Path("/usr/bin/prometheus")
 RULES: Final = ROOT / "deploy" / "prometheus-rules.yaml"
 JOB: Final = "petsage-grpc"

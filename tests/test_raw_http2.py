@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection_pb2
 
 from petsage_grpc import READINESS, SMOKE_TEST_SERVICE, ServingStatus
 
-IO_TIMEOUT: Final = 5.0
+IO_TIMEOUT: Final = 30.0
 CLUSTER: Final = "petsage-backend-cluster"
 CHECK: Final = "/grpc.health.v1.Health/Check"
 WATCH: Final = "/grpc.health.v1.Health/Watch"

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Final
 
 import grpc
+import pytest
 from conftest import ROOT, ServerProcess
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hardening import wait_until
@@ -187,6 +188,7 @@ def test_docs_embedding_shows_the_same_program_and_list() -> None:
     assert listing.group(0) in readme_section("Call it")
 
 
+@pytest.mark.slow
 def test_the_readme_embedding_program_serves_drains_and_exits_0(tmp_path: Path) -> None:
     run_embedding_program(sys.executable, tmp_path)
 

@@ -473,6 +473,7 @@ def _signal_as_soon_as_serving(
     return process, lines, reader
 
 
+@pytest.mark.slow
 def test_sighup_as_soon_as_serving_on_is_logged() -> None:
     for attempt in range(RACE_ATTEMPTS):
         process, lines, reader = _signal_as_soon_as_serving(signal.SIGHUP)

@@ -41,7 +41,7 @@ SpawnServer = Callable[..., ServerProcess]
 DRAIN: Final = 1.0
 GRACE: Final = 1.0
 READINESS_WATCHERS: Final = 100
-STEP_TIMEOUT: Final = 10.0
+STEP_TIMEOUT: Final = 30.0
 """Bound on any single wait for the server; the real waits are far shorter."""
 CHECK: Final = "/grpc.health.v1.Health/Check"
 WATCH: Final = "/grpc.health.v1.Health/Watch"
@@ -185,6 +185,7 @@ def status_changes(lines: list[str]) -> list[tuple[str, str, str]]:
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_graceful_stop(spawn_server: SpawnServer, signum: int) -> None:
     server = spawn_server("--drain-seconds", str(DRAIN), "--grace-seconds", str(GRACE))
@@ -430,6 +431,7 @@ def test_call_in_flight_when_the_drain_ends_completes(spawn_server: SpawnServer)
     assert exited_after < DRAIN + grace, exited_after
 
 
+@pytest.mark.slow
 def test_sigterm_right_after_start_still_stops_gracefully(spawn_server: SpawnServer) -> None:
     # spawn_server returns as soon as "serving on" is logged; signal at once, repeatedly.
     # (Signal handlers installed after that line let 3 SIGTERMs in 4 kill the server.)

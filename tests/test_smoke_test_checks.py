@@ -23,7 +23,7 @@ from petsage_grpc.services._smoke_test import SMOKE_TEST_MESSAGE
 
 SMOKE_TEST_METHOD: Final = "/petsage.v1.SmokeTestService/SmokeTest"
 RPC_TIMEOUT: Final = 5.0
-STEP: Final = 10.0
+STEP: Final = 60.0
 CHECKS_IN_CONFIG_ORDER: Final = ("db-up", "cache-down", "api-up")
 
 

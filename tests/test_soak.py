@@ -16,6 +16,8 @@ from typing import Any, Final
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 ROOT: Final = Path(__file__).resolve().parent.parent
 SOAK: Final = ROOT / "scripts" / "soak.py"
 SECONDS: Final = 30

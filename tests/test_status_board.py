@@ -33,7 +33,8 @@ SERVICE_UNKNOWN = ServingStatus.SERVICE_UNKNOWN
 DEFAULT_NAMES = {OVERALL, LIVENESS, READINESS, STARTUP, SMOKE_TEST_SERVICE}
 # Names that drain() leaves alone, so that probes gating restarts keep passing.
 KEPT_WHILE_DRAINING = {LIVENESS, STARTUP}
-STEP_TIMEOUT = 5.0
+STEP_TIMEOUT = 30.0
+"""Bound on waiting for something asynchronous (generous: the machine is shared)."""
 
 
 def draining(board: StatusBoard) -> bool:
@@ -41,7 +42,7 @@ def draining(board: StatusBoard) -> bool:
     return board.draining
 
 
-def run(coro: Coroutine[Any, Any, T], timeout: float = 20) -> T:
+def run(coro: Coroutine[Any, Any, T], timeout: float = 3 * STEP_TIMEOUT) -> T:
     """Run *coro* on a fresh event loop, failing instead of hanging after *timeout* seconds."""
 
     async def bounded() -> T:

@@ -220,6 +220,7 @@ def test_json_has_services_and_smoke_test(
     }
 
 
+@pytest.mark.slow
 def test_exit_0_when_everything_serves(spawn_server: SpawnServer) -> None:
     server = spawn_server()
     run = run_status("--addr", server.address)
@@ -374,6 +375,7 @@ def test_watch_prints_a_transition_and_stops_on_sigint(
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\S+ \S+ \S+ -> \S+", each), each
 
 
+@pytest.mark.slow
 def test_watch_picks_up_names_added_by_a_reload(
     tmp_path: Path,
     spawn_server: SpawnServer,
@@ -408,6 +410,7 @@ def test_watch_picks_up_names_added_by_a_reload(
     assert watching.process.wait(RUN_TIMEOUT) == 0
 
 
+@pytest.mark.slow
 def test_event_loop_lag_is_shown_when_the_heartbeat_runs(spawn_server: SpawnServer) -> None:
     server = spawn_server("--probe-port", str(free_port()))
     run = run_status("--addr", server.address)
@@ -431,6 +434,7 @@ QUICK_STOP: Final = ("--drain-seconds", "0", "--grace-seconds", "0")
 STAMP: Final = r"^\d{4}-\d\d-\d\dT\S+ "
 
 
+@pytest.mark.slow
 def test_watch_says_when_the_server_is_gone_how_long_and_when_it_is_back(
     spawn_server: SpawnServer, watch_status: Callable[..., Watching]
 ) -> None:
@@ -444,7 +448,11 @@ def test_watch_says_when_the_server_is_gone_how_long_and_when_it_is_back(
     assert server.wait() == 0
     watching.expect(STAMP + r"connection lost \(UNAVAILABLE\)$")
     # Left down: a reminder says for how long, and the command keeps going.
-    watching.expect(STAMP + r"still unreachable after 1\ds$", within=WAIT + 10)
+    line = watching.expect(STAMP + r"still unreachable after \d+s$", within=WAIT + 10)
+    # The first reminder comes after 10 s, never before (after it, how much later depends
+    # on the retry pause and on the machine's load).
+    reminded_after = int(line.rsplit(" ", 1)[1].removesuffix("s"))
+    assert reminded_after >= 10, line
     assert watching.process.poll() is None
 
     restarted = spawn_server("--port", str(port), *QUICK_STOP)

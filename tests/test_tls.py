@@ -259,6 +259,7 @@ def test_grpcio_secure_channel_with_the_ca_checks_serving(
         assert check_status(channel, "readiness") is ServingStatus.SERVING
 
 
+@pytest.mark.slow
 def test_plaintext_grpcio_client_cannot_call_the_tls_port(tls_server: ServerProcess) -> None:
     with grpc.insecure_channel(tls_server.address) as channel:
         assert not connects(channel, 2.0)
@@ -266,6 +267,7 @@ def test_plaintext_grpcio_client_cannot_call_the_tls_port(tls_server: ServerProc
     assert outcome.code is grpc.StatusCode.UNAVAILABLE
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
@@ -295,6 +297,7 @@ def test_probe_against_tls(
 # -- mutual TLS --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
@@ -338,6 +341,7 @@ def test_probe_against_mtls(
     assert mtls_server.process.poll() is None
 
 
+@pytest.mark.slow
 def test_grpcio_mtls_needs_the_client_certificate(mtls_server: ServerProcess, pki: Pki) -> None:
     with secure(mtls_server.port, pki, client=pki.client) as channel:
         assert connects(channel, RPC_TIMEOUT)
@@ -364,6 +368,7 @@ def probe_port_server(spawn_server: SpawnServer, pki: Pki) -> tuple[ServerProces
     return server, port
 
 
+@pytest.mark.slow
 def test_probe_port_answers_check_in_plaintext_while_the_main_port_needs_mtls(
     probe_port_server: tuple[ServerProcess, int], pki: Pki
 ) -> None:
@@ -584,6 +589,7 @@ def test_broken_replacement_keeps_serving_the_old_certificate(
 # -- bad TLS input at start --------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "named"),
     [
@@ -695,6 +701,7 @@ print("all echoed")
 """
 
 
+@pytest.mark.slow
 def test_unverified_tls_relay_survives_full_duplex_traffic(pki: Pki) -> None:
     """Bytes written while the server is also sending all come back, in one piece.
 
@@ -750,6 +757,7 @@ print("done")
 RELAY_EXIT_RUNS: Final = 40
 
 
+@pytest.mark.slow
 def test_a_process_that_used_the_relay_exits_quietly(pki: Pki) -> None:
     """An exec probe's output is shown to operators: it must hold only the probe's lines."""
 
@@ -804,6 +812,7 @@ class SilentListener:
             connection.close()
 
 
+@pytest.mark.slow
 def test_unverified_probe_of_a_silent_listener_prints_its_timeout_line_only() -> None:
     """The relay's connection, cancelled mid-handshake as the probe exits, stays quiet."""
     listener = SilentListener()
