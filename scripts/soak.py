@@ -74,7 +74,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from soaklib.common import CLIENT_GC, EXIT_FAILED, EXIT_OK, SERVER_SCRIPT, Config, StepError, Tally
+from soaklib.common import (
+    CLIENT_GC,
+    DRAIN_NOTICE_LIMIT,
+    EXIT_FAILED,
+    EXIT_OK,
+    SERVER_SCRIPT,
+    Config,
+    StepError,
+    Tally,
+)
 from soaklib.drain import drain_under_load
 from soaklib.report import summary
 from soaklib.server import SoakServer
@@ -118,6 +127,13 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, Path | None]:
         action="store_true",
         help="a call started after the server stopped must fail with UNAVAILABLE, "
         "not CANCELLED (grpc/grpc#41785 makes that fail today)",
+    )
+    parser.add_argument(
+        "--notice-limit-ms",
+        type=float,
+        default=DRAIN_NOTICE_LIMIT * 1000,
+        help="readiness watchers must see NOT_SERVING within this long of SIGTERM "
+        f"({DRAIN_NOTICE_LIMIT * 1000:.0f}, the product's rule)",
     )
     parser.add_argument(
         "--server-script",
@@ -165,6 +181,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, Path | None]:
         max_in_flight=args.max_in_flight,
         seed=args.seed,
         strict_shutdown_codes=args.strict_shutdown_codes,
+        notice_limit=args.notice_limit_ms / 1000,
         flip_thread=args.flip_thread,
         server_script=args.server_script,
     )

@@ -26,7 +26,6 @@ from soaklib.common import (
     CHECK,
     CLIENT_GC,
     DRAIN_LEAD,
-    DRAIN_NOTICE_LIMIT,
     DRAIN_QUIET_MARGIN,
     LIST,
     NOT_SERVING,
@@ -261,10 +260,10 @@ def _drain_report(
             problems["liveness watcher saw a change"] += 1
         if watch.end_code != "OK":
             problems[f"stream ended with {watch.end_code}"] += 1
-    late = sum(1 for seconds in notice if seconds > DRAIN_NOTICE_LIMIT)
+    late = sum(1 for seconds in notice if seconds > config.notice_limit)
     early = sum(1 for seconds in notice if seconds < 0)
     if late:
-        problems[f"readiness NOT_SERVING later than {DRAIN_NOTICE_LIMIT * 1000:.0f} ms"] += late
+        problems[f"readiness NOT_SERVING later than {config.notice_limit * 1000:.0f} ms"] += late
     if early:
         problems["NOT_SERVING before the signal"] += early
     if exit_code != 0:
