@@ -15,7 +15,7 @@ import sys
 import textwrap
 import threading
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
@@ -26,7 +26,7 @@ import h2.connection
 import h2.events
 import h2.settings
 import pytest
-from conftest import ROOT
+from conftest import ROOT, ServerProcess
 from hardening import wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from tcp_listener import free_port
@@ -432,6 +432,18 @@ def test_grpc_core_start_up_lines_are_logged_in_the_format_and_later_ones_are_no
     assert any(m.startswith("grpc core: Failed to add port to server") for m in messages), entries
     assert all(".cc:" not in m for m in messages)  # absl's prefix (file:line) is left out
     assert "a line written after start-up" not in done.stderr
+
+
+def test_a_crash_after_start_up_still_reaches_the_real_stderr(
+    spawn_server: Callable[..., ServerProcess],
+) -> None:
+    server = spawn_server()
+    server.signal(signal.SIGSEGV)
+    assert server.wait() == -signal.SIGSEGV
+    wait_until(
+        lambda: "Fatal Python error: Segmentation fault" in server.log(), "the dump", timeout=30
+    )
+    assert "Current thread" in server.log() or "Thread 0x" in server.log()
 
 
 # -- memory given back off the loop -----------------------------------------------------------

@@ -9,6 +9,7 @@ line); an application that embeds the services gets none of it unless it calls
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import logging
 import os
 import re
@@ -120,6 +121,7 @@ class NativeStderr:
     duplicate of the real one; :meth:`release` logs what grpc core wrote (bind and TLS
     problems) as WARNING lines, message only, then points descriptor 2 at ``/dev/null``
     unless *keep_after_start* (an operator who set ``GRPC_VERBOSITY`` or ``GRPC_TRACE``).
+    A fatal signal's dump (:mod:`faulthandler`) still goes to the real stderr.
     :meth:`restore` puts everything back. Linux and macOS (``dup2``).
     """
 
@@ -129,6 +131,7 @@ class NativeStderr:
         self._file: BinaryIO | None = None
         self._old: IO[str] | None = None
         self._new: IO[str] | None = None
+        self._faulthandler = False
 
     def capture(self) -> None:
         """Send descriptor 2 to a temporary file; Python's stderr keeps the real one."""
@@ -162,10 +165,18 @@ class NativeStderr:
             null = os.open(os.devnull, os.O_WRONLY)
             os.dup2(null, 2)
             os.close(null)
+            # A crash must still say where it happened: the fatal-signal dump (every
+            # thread's stack) goes to the real stderr, which descriptor 2 no longer is.
+            if self._new is not None and not faulthandler.is_enabled():
+                faulthandler.enable(file=self._new)
+                self._faulthandler = True
         self._relog()
 
     def restore(self) -> None:
         """Descriptor 2 and Python's stderr as they were before :meth:`capture`."""
+        if self._faulthandler:
+            faulthandler.disable()
+            self._faulthandler = False
         if self._saved >= 0:
             os.dup2(self._saved, 2)
         self._relog()
