@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import os
 import re
 import signal
@@ -15,6 +16,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import IO, Any, TypeVar
 
 import grpc
@@ -25,6 +27,17 @@ from petsage_grpc import SERVER_OPTIONS, StatusBoard, add_to_server
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
+
+
+def load_script(name: str) -> ModuleType:
+    """``scripts/<name>.py`` as the module *name* (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 @dataclass

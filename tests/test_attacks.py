@@ -15,24 +15,21 @@ malloc arenas). The full 30-second runs with their figures are in docs/reliabili
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import platform
 import select
 import shutil
 import socket
-import sys
 import time
 import urllib.request
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Final
 
 import h2.config
 import h2.connection
 import h2.events
 import pytest
-from conftest import ROOT, ServerProcess
+from conftest import ServerProcess, load_script
 from hardening import wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from tcp_listener import TcpListener, free_port
@@ -53,17 +50,7 @@ PER_PEER: Final = HttpLimits().max_connections_per_peer
 """What the default budget allows (the same arithmetic the server runs)."""
 
 
-def _load_harness() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("attack", ROOT / "scripts" / "attack.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["attack"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-attack = _load_harness()
+attack = load_script("attack")
 
 
 @pytest.fixture

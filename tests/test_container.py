@@ -3,7 +3,6 @@ the command line, a start without /proc, grpc core's start-up lines in the serve
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -18,7 +17,6 @@ import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from types import ModuleType
 from typing import IO, Final
 
 import h2.config
@@ -26,7 +24,7 @@ import h2.connection
 import h2.events
 import h2.settings
 import pytest
-from conftest import ROOT, ServerProcess
+from conftest import ROOT, ServerProcess, load_script
 from hardening import wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from tcp_listener import free_port
@@ -39,17 +37,7 @@ START_TIMEOUT: Final = 60.0
 _BUDGET_LINE: Final = re.compile(r"memory budget (\d+) MiB, (.*?): (\d+) Watch streams \((\d+) per")
 
 
-def _load_memcg() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("memcg", ROOT / "scripts" / "memcg.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["memcg"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-memcg = _load_memcg()
+memcg = load_script("memcg")
 _NO_CGROUP = memcg.unavailable_reason()
 
 

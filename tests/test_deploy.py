@@ -13,7 +13,6 @@ loopback ports.
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import signal
 import subprocess
@@ -24,14 +23,13 @@ import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from functools import cache
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Final
 
 import grpc
 import pytest
 import tomli_w
 import yaml
-from conftest import ROOT, ServerProcess
+from conftest import ROOT, ServerProcess, load_script
 from dependency_servers import (  # noqa: F401 - the fixtures are used by name
     AUTH_ROLE,
     PostgresCluster,
@@ -61,19 +59,7 @@ CRD_KINDS: Final = {("monitoring.coreos.com/v1", "PodMonitor")}
 WAIT: Final = 20.0
 
 
-def _load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "render_deploy", ROOT / "scripts" / "render_deploy.py"
-    )
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["render_deploy"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-render_deploy = _load_script()
+render_deploy = load_script("render_deploy")
 
 
 @cache

@@ -10,31 +10,17 @@ balancer. tests/test_outage.py runs both under traffic.
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Final
 
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import load_script
 from tcp_listener import free_port
 
-
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("fronts", ROOT / "scripts" / "fronts.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["fronts"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-fronts = _load()
+fronts = load_script("fronts")
 REPLICAS: Final = [("127.0.0.1", 50061), ("127.0.0.1", 50062), ("127.0.0.1", 50063)]
 READS: Final = ("/grpc.health.v1.Health/", "/petsage.v1.SmokeTestService/", "/grpc.reflection.")
 

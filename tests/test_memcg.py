@@ -2,26 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
-from types import ModuleType
 
 import pytest
-from conftest import ROOT
+from conftest import load_script
 
-
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("memcg", ROOT / "scripts" / "memcg.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["memcg"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-memcg = _load()
+memcg = load_script("memcg")
 pytestmark = pytest.mark.skipif(
     memcg.unavailable_reason() is not None, reason=str(memcg.unavailable_reason())
 )

@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
-import sys
 import urllib.request
 from collections.abc import Callable, Iterator
-from types import ModuleType
 from typing import Any, Final
 
 import grpc
 import pytest
-from conftest import ROOT, ServerProcess
+from conftest import ServerProcess, load_script
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hardening import wait_until
 from prometheus_client.parser import text_string_to_metric_families
@@ -37,18 +34,8 @@ PROBES: Final = 5
 PROBE_SOURCE: Final = "127.0.0.2"
 
 
-def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-attack = _load("attack")
-memcg = _load("memcg")
+attack = load_script("attack")
+memcg = load_script("memcg")
 
 
 class ProbePort:
