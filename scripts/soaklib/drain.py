@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 
 from petsage_grpc import LIVENESS, OVERALL, READINESS, ServingStatus
-from petsage_grpc.services._smoke_test import NOT_SERVING_DETAILS
+from petsage_grpc.services._smoke_test import DRAINING_DETAILS, NOT_SERVING_DETAILS
 from soaklib.common import (
     AFTER_EXIT,
     CHECK,
@@ -129,7 +129,9 @@ def judge_drain(
             return
         drained = started >= clock.all_not_serving_at
         if method == SMOKE_TEST and outcome.code == "UNAVAILABLE":
-            if outcome.details != NOT_SERVING_DETAILS:
+            # The service's own answer (draining, or not serving); anything else came
+            # from the transport.
+            if outcome.details not in {DRAINING_DETAILS, NOT_SERVING_DETAILS}:
                 tally.error(
                     "drain: SmokeTest refused by the transport", f"{where}: {outcome.details}"
                 )
