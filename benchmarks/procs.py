@@ -52,12 +52,16 @@ class Proc:
         self.stderr: queue.Queue[str] = queue.Queue()
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=40)
         stdout_tail: collections.deque[str] = collections.deque(maxlen=40)
+        # Each queue's reader, so that an exit is judged only once its last lines are in.
+        self._pumps: dict[int, threading.Thread] = {}
         for stream, lines, tail in (
             (popen.stdout, self.stdout, stdout_tail),
             (popen.stderr, self.stderr, self.stderr_tail),
         ):
             if stream is not None:
-                threading.Thread(target=_pump, args=(stream, lines, tail), daemon=True).start()
+                pump = threading.Thread(target=_pump, args=(stream, lines, tail), daemon=True)
+                pump.start()
+                self._pumps[id(lines)] = pump
 
     def line(self, source: queue.Queue[str], pattern: str, timeout: float) -> re.Match[str]:
         """Wait for a line of *source* matching *pattern*.
@@ -74,8 +78,15 @@ class Proc:
             try:
                 text = source.get(timeout=min(left, 0.1))
             except queue.Empty:
-                if self.popen.poll() is not None and source.empty():
-                    raise RuntimeError(self.describe(f"exited ({self.popen.returncode})")) from None
+                if self.popen.poll() is not None:
+                    # Its last lines may still be on their way from the pipe to the queue.
+                    pump = self._pumps.get(id(source))
+                    if pump is not None:
+                        pump.join(timeout=5.0)
+                    if source.empty():
+                        raise RuntimeError(
+                            self.describe(f"exited ({self.popen.returncode})")
+                        ) from None
                 continue
             found = compiled.search(text)
             if found:
