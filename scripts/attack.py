@@ -171,8 +171,11 @@ def frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
     )
 
 
-def request_headers(path: str, *, scheme: str = "http") -> bytes:
-    """A gRPC request's header block, literal without indexing (the same bytes every time)."""
+def request_headers(
+    path: str, *, scheme: str = "http", extra: list[tuple[str, str]] | None = None
+) -> bytes:
+    """A gRPC request's header block (with *extra* fields after the standard ones), literal
+    without indexing (the same bytes every time)."""
     encoder = hpack.Encoder()
     headers = [
         (":method", "POST"),
@@ -181,6 +184,7 @@ def request_headers(path: str, *, scheme: str = "http") -> bytes:
         (":authority", "127.0.0.1"),
         ("content-type", "application/grpc"),
         ("te", "trailers"),
+        *(extra or []),
     ]
     return encoder.encode([hpack.NeverIndexedHeaderTuple(k, v) for k, v in headers])
 
@@ -575,21 +579,6 @@ async def idle_tls(writer: asyncio.StreamWriter, tally: Tally, index: int) -> No
     await asyncio.Event().wait()
 
 
-def request_block(path: str, *, scheme: str, extra: list[tuple[str, str]] | None = None) -> bytes:
-    """A request's header block with *extra* fields after the standard ones, literal."""
-    encoder = hpack.Encoder()
-    headers = [
-        (":method", "POST"),
-        (":scheme", scheme),
-        (":path", path),
-        (":authority", "127.0.0.1"),
-        ("content-type", "application/grpc"),
-        ("te", "trailers"),
-        *(extra or []),
-    ]
-    return encoder.encode([hpack.NeverIndexedHeaderTuple(k, v) for k, v in headers])
-
-
 def header_frames(stream: int, block: bytes, *, end_stream: bool = False) -> bytes:
     """*block* as HEADERS and as many CONTINUATION frames as 16 KiB frames need."""
     chunks = [block[i : i + 16_384] for i in range(0, len(block), 16_384)] or [b""]
@@ -741,7 +730,7 @@ def gzip_bomb_message() -> bytes:
 async def gzip_bomb(writer: asyncio.StreamWriter, tally: Tally, index: int) -> None:
     """Check calls whose gzip message inflates to 16 MB, ten every 100 ms."""
     extra = [("grpc-encoding", "gzip"), ("grpc-accept-encoding", "identity,gzip")]
-    block = request_block(CHECK, scheme=scheme_of(writer), extra=extra)
+    block = request_headers(CHECK, scheme=scheme_of(writer), extra=extra)
     body = gzip_bomb_message()
     writer.write(PREFACE + SETTINGS + SETTINGS_ACK)
     stream = 1

@@ -6,7 +6,9 @@ import argparse
 import os
 from typing import Any, TextIO
 
+from petsage_grpc._durations import parse_duration
 from petsage_grpc.cli._probe import EXIT_INVALID_ARGUMENTS
+from petsage_grpc.services._auth import BearerToken
 
 __all__ = ["Parser", "add_client_flags", "add_fleet_flags", "paint"]
 
@@ -57,3 +59,17 @@ def paint(state: str, out: TextIO) -> str:
     if not out.isatty() or os.environ.get("NO_COLOR"):
         return state
     return f"{_COLOURS.get(state, _OTHER_COLOUR)}{state}{_RESET}"
+
+
+def client_settings(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> tuple[float, str | None]:
+    """``--timeout`` in seconds and the ``--token-file``'s token; a bad one is a usage error."""
+    try:
+        timeout = parse_duration(args.timeout)
+        token = BearerToken.read_file(args.token_file) if args.token_file else None
+    except ValueError as error:
+        parser.error(str(error))
+    if timeout <= 0:
+        parser.error("--timeout must be greater than zero")
+    return timeout, token

@@ -22,7 +22,13 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from petsage_grpc._durations import parse_duration
 from petsage_grpc.cli._client import Connection
-from petsage_grpc.cli._client_flags import Parser, add_client_flags, add_fleet_flags, paint
+from petsage_grpc.cli._client_flags import (
+    Parser,
+    add_client_flags,
+    add_fleet_flags,
+    client_settings,
+    paint,
+)
 from petsage_grpc.cli._probe import (
     EXIT_CONNECTION_FAILURE,
     EXIT_INVALID_ARGUMENTS,
@@ -30,7 +36,6 @@ from petsage_grpc.cli._probe import (
     EXIT_UNHEALTHY,
 )
 from petsage_grpc.fleet._discovery import DiscoveryError, Target, check_available, parse_target
-from petsage_grpc.services._auth import BearerToken
 
 if TYPE_CHECKING:
     import grpc
@@ -272,13 +277,7 @@ def run_fleet(argv: Sequence[str]) -> int:
     add_fleet_flags(parser)
     add_client_flags(parser)
     args = parser.parse_args(argv)
-    try:
-        timeout = parse_duration(args.timeout)
-        token = BearerToken.read_file(args.token_file) if args.token_file else None
-    except ValueError as error:
-        parser.error(str(error))
-    if timeout <= 0:
-        parser.error("--timeout must be greater than zero")
+    timeout, token = client_settings(parser, args)
     if not 0 <= args.http_port < 65536:
         parser.error("--http-port must be between 0 and 65535")
     from petsage_grpc._extras import missing_extra  # noqa: PLC0415

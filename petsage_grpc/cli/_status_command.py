@@ -24,9 +24,15 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TextIO
 
-from petsage_grpc._durations import format_go_duration, parse_duration
+from petsage_grpc._durations import format_go_duration
 from petsage_grpc.cli._client import Connection
-from petsage_grpc.cli._client_flags import Parser, add_client_flags, add_fleet_flags, paint
+from petsage_grpc.cli._client_flags import (
+    Parser,
+    add_client_flags,
+    add_fleet_flags,
+    client_settings,
+    paint,
+)
 from petsage_grpc.cli._probe import (
     EXIT_CONNECTION_FAILURE,
     EXIT_INVALID_ARGUMENTS,
@@ -34,7 +40,6 @@ from petsage_grpc.cli._probe import (
     EXIT_SERVING,
     EXIT_UNHEALTHY,
 )
-from petsage_grpc.services._auth import BearerToken
 
 if TYPE_CHECKING:
     import grpc
@@ -90,13 +95,7 @@ def run_status(argv: Sequence[str]) -> int:
     """Run ``petsage-grpc status`` with *argv*; return the exit code."""
     parser = _parser()
     args = parser.parse_args(argv)
-    try:
-        timeout = parse_duration(args.timeout)
-        token = BearerToken.read_file(args.token_file) if args.token_file else None
-    except ValueError as error:
-        parser.error(str(error))
-    if timeout <= 0:
-        parser.error("--timeout must be greater than zero")
+    timeout, token = client_settings(parser, args)
     if args.exit_on_loss and not args.watch:
         parser.error("--exit-on-loss needs --watch")
     if args.discover:
